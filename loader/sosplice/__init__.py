@@ -1,0 +1,91 @@
+"""sosplice: SO_SPLICE for Linux.
+
+Hand it two connected TCP sockets and every byte that arrives on the first
+is sent on the second inside the kernel (eBPF sockmap), with OpenBSD's
+SO_SPLICE semantics: one-way splices, an exact byte limit, an idle timeout,
+a byte count, lossless unsplicing, and a reason when a splice ends.
+
+    import sosplice
+    sp = sosplice.splice(client, upstream)      # client -> upstream
+    sosplice.splice(upstream, client)           # and back
+    sp.wait()                                    # 0 at EOF, else an errno
+
+The module-level functions share one `Splicer` per process, created on
+first use; create your own `Splicer` for an explicit lifetime.
+"""
+from __future__ import annotations
+
+import atexit
+import socket
+import threading
+
+from ._bpf import MIN_KERNEL
+from ._engine import DEFAULT_BACKLOG_CAP, Splicer
+from ._splice import Splice, SpliceInfo
+
+__all__ = [
+    "Splice", "SpliceInfo", "Splicer", "splice", "unsplice", "getsplice", "geterror",
+    "default_engine", "DEFAULT_BACKLOG_CAP", "MIN_KERNEL",
+]
+
+for _name in ("Splice", "SpliceInfo", "Splicer"):
+    globals()[_name].__module__ = "sosplice"
+
+_default: Splicer | None = None
+_default_lock = threading.Lock()
+
+
+def default_engine() -> Splicer:
+    """The process-wide `Splicer` used by the module-level functions."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = Splicer()
+            atexit.register(_default.close)
+        return _default
+
+
+Sock = socket.socket | int
+
+
+def splice(source: Sock, drain: Sock, *, max: int = 0, idle: float | None = None) -> Splice:
+    """Send every byte arriving on `source` to `drain`, in the kernel.
+
+    Args:
+        source, drain: connected TCP sockets (socket objects or fds), IPv4
+            or IPv6 in any mix. Bytes already waiting on `source` move too.
+        max: move exactly this many bytes, then dissolve with EFBIG; later
+            bytes stay readable on `source`. 0: no limit.
+        idle: dissolve with ETIMEDOUT after this many seconds without a
+            byte moved. None: never.
+
+    The splice dissolves at EOF on `source` (error 0, once every byte has
+    been taken by the drain; the drain is not shut down), when the drain
+    fails (EPIPE), on `unsplice()`, or when the application closes either
+    socket. Do not read from a spliced source or write to a spliced drain.
+
+    Raises:
+        OSError: EBADF, ENOTSOCK, EPROTONOSUPPORT, ENOTCONN, EOPNOTSUPP,
+            EINVAL, EBUSY, ELOOP, EPERM; the message says what to do.
+        TypeError: a socket, `max` or `idle` of the wrong type.
+    """
+    return default_engine().splice(source, drain, max=max, idle=idle)
+
+
+def unsplice(source: Sock) -> int:
+    """Dissolve the splice from `source` losslessly; return its byte count.
+
+    Bytes already moved reach the drain first; bytes not moved stay readable
+    on `source`. Raises OSError(EPROTO) if `source` is not spliced.
+    """
+    return default_engine().unsplice(source)
+
+
+def getsplice(source: Sock) -> int:
+    """Bytes moved by the current or last splice from `source` (0: never)."""
+    return default_engine().getsplice(source)
+
+
+def geterror(source: Sock) -> int:
+    """The reason the last splice from `source` ended, once; then 0."""
+    return default_engine().geterror(source)

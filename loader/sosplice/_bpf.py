@@ -1,0 +1,152 @@
+"""Loading the BPF side: compile bpf/*.c with bcc, attach, expose the maps.
+
+Stages, each with its own failure message (libbpf-bootstrap's loader):
+check the kernel and privilege, compile and verify, attach the verdict to
+the `sources` map, open the maps. `Programs.close()` undoes them in reverse.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+import platform
+import re
+from pathlib import Path
+
+# Two egress-backlog bugs that lose or duplicate bytes were fixed in 6.16
+# (KERNEL-NOTES 16). Splicing on an older kernel can corrupt a stream
+# silently, so we refuse.
+MIN_KERNEL = (6, 16)
+
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_BPF = 39
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+
+
+def bpf_dir() -> Path:
+    """Where the BPF C sources live (bpf/ at the top of the source tree)."""
+    env = os.environ.get("SOSPLICE_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "bpf"
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", release or platform.release())
+    if not m:
+        raise OSError(errno.ENOSYS, f"sosplice: cannot parse kernel release {release!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_kernel(release: str | None = None) -> None:
+    """Refuse kernels whose sockmap can corrupt a stream."""
+    have = kernel_version(release)
+    if have < MIN_KERNEL:
+        raise OSError(
+            errno.ENOSYS,
+            f"sosplice: kernel {have[0]}.{have[1]} is older than "
+            f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]}; its sockmap redirect can lose or "
+            "duplicate bytes. Upgrade the kernel (6.16 or a stable kernel with "
+            "the sockmap backlog fixes).",
+        )
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def check_privilege() -> None:
+    caps = _effective_caps()
+    has = lambda c: bool(caps >> c & 1)  # noqa: E731
+    if not (has(CAP_BPF) or has(CAP_SYS_ADMIN)) or not has(CAP_NET_ADMIN):
+        raise PermissionError(
+            errno.EPERM,
+            "sosplice: loading sockmap programs needs CAP_BPF (or CAP_SYS_ADMIN) "
+            "and CAP_NET_ADMIN; run as root or grant them, e.g. "
+            "`setcap cap_bpf,cap_net_admin+ep` on the interpreter",
+        )
+
+
+class Programs:
+    """The compiled verdict program and its maps, attached and ready."""
+
+    def __init__(self, max_sockets: int = 65536) -> None:
+        check_kernel()
+        check_privilege()
+        try:
+            from bcc import BPF, BPFAttachType, libbcc
+        except ImportError as e:
+            raise OSError(
+                errno.ENOENT,
+                "sosplice: bcc is not importable; install Debian's python3-bpfcc "
+                "and use a virtualenv made with --system-site-packages "
+                "(`make setup` does both)",
+            ) from e
+        self._lib = libbcc.lib
+        src = bpf_dir() / "sk_skb_verdict.c"
+        try:
+            self.bpf = BPF(
+                src_file=str(src).encode(),
+                cflags=[f"-I{bpf_dir()}", f"-DSOSPLICE_MAX_SOCKETS={int(max_sockets)}"],
+            )
+            fn = self.bpf.load_func(b"sk_skb_verdict", BPF.SK_SKB)
+        except Exception as e:  # bcc raises bare Exception on compile/verify errors
+            raise OSError(
+                errno.ENOEXEC,
+                f"sosplice: compiling or verifying {src.name} failed: {e}. "
+                "Is `make setup` done (kernel headers for bcc)?",
+            ) from e
+        self.sources_fd = self._map_fd(b"sources")
+        self.drains_fd = self._map_fd(b"drains")
+        try:
+            BPF.attach_func(fn, self.sources_fd, BPFAttachType.SK_SKB_VERDICT)
+        except Exception as e:
+            self.bpf.cleanup()
+            raise OSError(errno.EOPNOTSUPP, f"sosplice: attaching the verdict failed: {e}") from e
+        self._fn = fn
+        self.ctl = self.bpf[b"ctl"]
+        self.stats = self.bpf[b"stats"]
+        self.events_fd = self._map_fd(b"events")
+
+    def _map_fd(self, name: bytes) -> int:
+        return self._lib.bpf_table_fd(self.bpf.module, name)
+
+    # bcc's Table refuses sockhash maps (KERNEL-NOTES), so these go through
+    # libbcc directly on the map fd.
+    def sock_insert(self, map_fd: int, cookie: int, fd: int) -> None:
+        key = ct.c_uint64(cookie)
+        val = ct.c_uint32(fd)
+        if self._lib.bpf_update_elem(map_fd, ct.byref(key), ct.byref(val), BPF_NOEXIST) < 0:
+            err = ct.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def sock_delete(self, map_fd: int, cookie: int) -> None:
+        key = ct.c_uint64(cookie)
+        self._lib.bpf_delete_elem(map_fd, ct.byref(key))
+
+    def sock_keys(self, map_fd: int) -> set[int]:
+        keys: set[int] = set()
+        key = ct.c_uint64(0)
+        nxt = ct.c_uint64(0)
+        prev = None
+        while self._lib.bpf_get_next_key(map_fd, prev, ct.byref(nxt)) == 0:
+            keys.add(nxt.value)
+            key.value = nxt.value
+            prev = ct.byref(key)
+        return keys
+
+    def close(self) -> None:
+        from bcc import BPF, BPFAttachType
+
+        try:
+            BPF.detach_func(self._fn, self.sources_fd, BPFAttachType.SK_SKB_VERDICT)
+        except Exception:
+            pass
+        self.bpf.cleanup()

@@ -1,0 +1,33 @@
+"""ctypes mirrors of bpf/sosplice.h (a test checks that the sizes agree)."""
+from __future__ import annotations
+
+import ctypes as ct
+
+
+class SpliceCtl(ct.Structure):
+    _fields_ = [
+        ("drain", ct.c_uint64),
+        ("credit", ct.c_uint64),
+        ("copied", ct.c_uint64),
+        ("notify_at", ct.c_uint64),
+    ]
+
+
+class SpliceStats(ct.Structure):
+    _fields_ = [
+        ("moved", ct.c_uint64),
+        ("passed", ct.c_uint64),
+        ("last_ns", ct.c_uint64),
+        ("pad", ct.c_uint64),
+    ]
+
+
+class SpliceEvent(ct.Structure):
+    _fields_ = [("source", ct.c_uint64), ("moved", ct.c_uint64)]
+
+
+U64 = 1 << 64
+
+
+def key(cookie: int) -> ct.c_uint64:
+    return ct.c_uint64(cookie)

@@ -1,0 +1,44 @@
+"""Small socket facts the engine needs, each one syscall."""
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+
+SO_COOKIE = 57
+TCP_INFO = 11
+# struct tcp_info: tcpi_state is byte 0, tcpi_bytes_acked (u64) sits at 120.
+_TCPI_BYTES_ACKED = 120
+_TCPI_LEN = 128
+
+TCP_ESTABLISHED = 1
+TCP_CLOSE = 7
+TCP_CLOSE_WAIT = 8
+# States in which a socket can still send.
+CAN_SEND = (TCP_ESTABLISHED, TCP_CLOSE_WAIT)
+
+
+def cookie(s: socket.socket) -> int:
+    return struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def tcp_state(s: socket.socket) -> int:
+    return s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
+
+
+def written(s: socket.socket) -> tuple[int, int]:
+    """(TCP state, bytes ever written into the socket).
+
+    Acked bytes plus what still sits in the send queue: redirected bytes
+    show up here once the drain's backlog worker has handed them to TCP
+    (KERNEL-NOTES 4), so this is how we know the backlog is empty.
+    """
+    info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_LEN)
+    acked = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
+    outq = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return info[0], acked + outq
+
+
+def inq(s: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]

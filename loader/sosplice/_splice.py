@@ -1,0 +1,169 @@
+"""One record per splice, and the handle the application holds.
+
+Owner legend for every field of `SpliceRecord` (a test checks that each
+field carries one of these tags):
+  [I]  immutable: set by `Splicer.splice()` before the splice is published
+  [C]  controller: written only under the engine lock by the transition
+       functions in _engine.py (start, move, dissolve, finish)
+  [K]  kernel: copied from the BPF `stats` map, which only the verdict writes
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Generator, final
+
+if TYPE_CHECKING:
+    from ._engine import Splicer
+
+
+class State(enum.Enum):
+    # Bytes flow; the verdict redirects, or passes while the controller catches up.
+    ACTIVE = "active"
+    # The verdict no longer redirects; waiting until the drain has taken
+    # every byte counted in `bytes`. Nothing new is counted.
+    DISSOLVING = "dissolving"
+    # Flushed, reported, the engine holds no reference to either socket.
+    DONE = "done"
+
+
+@dataclass(eq=False)
+class SpliceRecord:
+    handle: Splice                 # [I] what the application holds
+    src: socket.socket             # [I] our dup of the source: it keeps
+    dst: socket.socket             # [I] ... both sockets open until flushed
+    src_cookie: int                # [I]
+    dst_cookie: int                # [I]
+    user_fds: tuple[int, int]      # [I] the application's fd numbers ...
+    inodes: tuple[int, int]        # [I] ... and their inodes, to notice close
+    max: int                       # [I] 0 = no limit
+    idle_ns: int                   # [I] 0 = no idle timeout
+    started_ns: int                # [I] time.monotonic_ns() at start
+    drain_base: int                # [I] drain's written count at start
+    q_old: int                     # [I] source bytes queued before start
+    drain_in_map: bool             # [I] False: drain cannot be a redirect target
+    state: State = State.ACTIVE    # [C]
+    error: int | None = None       # [C] reason, set once by dissolve()
+    taken: int = 0                 # [C] bytes the controller took from the source
+    sent: int = 0                  # [C] ... and of those, sent on the drain
+    pending: bytes = b""           # [C] taken, not yet sent (taken - sent)
+    published: tuple[int, int, int] = (0, 0, 0)  # [C] (credit, copied, notify_at) in ctl
+    eof: bool = False              # [C] the source has seen FIN
+    want_out: bool = False         # [C] waiting for the drain to become writable
+    last_copy_ns: int = 0          # [C] last time the controller moved a byte
+    flushed_once: bool = False     # [C] one flushed reading seen while dissolving
+    last_written: int = 0          # [C] drain's written count at the last look
+    backoff: float = 0.001         # [C] seconds until the next look without events
+    moved: int = 0                 # [K] bytes the verdict redirected
+    passed: int = 0                # [K] bytes the verdict left on the source
+    last_ns: int = 0               # [K] time of the last redirect
+    done_ns: int = 0               # [C] when it became DONE
+
+    @property
+    def bytes(self) -> int:
+        """Bytes taken from the source so far: redirected or copied."""
+        return self.moved + self.taken
+
+    @property
+    def fifo(self) -> int:
+        """Bytes of the spliced stream waiting in the source's queue."""
+        return self.q_old + self.passed - self.taken
+
+    def check_invariants(self) -> None:
+        assert self.sent <= self.taken, (self.sent, self.taken)
+        assert len(self.pending) == self.taken - self.sent
+        assert self.fifo >= 0, ("source queue underflow", self.q_old, self.passed, self.taken)
+        if self.max:
+            assert self.bytes <= self.max, ("moved beyond max", self.bytes, self.max)
+
+
+@final
+class Splice:
+    """A one-way splice from a source socket to a drain socket.
+
+    Returned by `sosplice.splice()` and `Splicer.splice()`. Every byte that
+    arrives on the source is sent on the drain, in order, inside the kernel,
+    until the splice dissolves: at EOF on the source (error 0), at its byte
+    limit (EFBIG), after `idle` seconds without a byte (ETIMEDOUT), when the
+    drain fails (EPIPE), or on `unsplice()` (0).
+    """
+
+    __slots__ = ("_engine", "_rec", "_done", "_waiters", "__weakref__")
+
+    def __init__(self, engine: Splicer) -> None:
+        self._engine = engine
+        self._rec: SpliceRecord | None = None
+        self._done = threading.Event()
+        self._waiters: list[Callable[[], None]] = []
+
+    @property
+    def bytes(self) -> int:
+        """Bytes moved so far (live while active, final once dissolved)."""
+        return self._engine._bytes_of(self)
+
+    @property
+    def active(self) -> bool:
+        """True until the splice has dissolved and flushed."""
+        return not self._done.is_set()
+
+    @property
+    def error(self) -> int | None:
+        """None while active; then 0 or the errno that ended the splice."""
+        return self._rec.error if self._done.is_set() and self._rec else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until dissolved and flushed; return `error`.
+
+        Raises:
+            TimeoutError: the splice is still active after `timeout` seconds.
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"splice still active after {timeout} s")
+        assert self._rec is not None and self._rec.error is not None
+        return self._rec.error
+
+    def unsplice(self) -> int:
+        """Dissolve now, losslessly; return the final byte count.
+
+        Raises:
+            OSError(EPROTO): the splice has already dissolved.
+        """
+        return self._engine._unsplice_handle(self)
+
+    def __await__(self) -> Generator[Any, None, int]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(self.error or 0))
+
+        self._engine._on_done(self, wake)
+        return (yield from fut.__await__())
+
+    def __repr__(self) -> str:
+        r = self._rec
+        where = f"{r.src_cookie:#x}->{r.dst_cookie:#x}" if r else "?"
+        state = "active" if self.active else f"error={self.error}"
+        return f"<Splice {where} bytes={self.bytes} {state}>"
+
+
+@dataclass(frozen=True)
+class SpliceInfo:
+    """One row of `Splicer.stats()`: a snapshot, safe to keep."""
+
+    source: tuple[Any, Any]        # (local address, peer address)
+    drain: tuple[Any, Any]
+    source_cookie: int
+    drain_cookie: int
+    bytes: int
+    max: int
+    idle: float | None
+    state: str                     # "active", "dissolving" or "done"
+    error: int | None
+    throttled: bool                # bytes are taking the controller's copy path
+    age: float                     # seconds since the splice started
+    idle_for: float                # seconds since the last byte moved
+    pid: int = field(default=0)
