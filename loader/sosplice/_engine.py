@@ -24,6 +24,8 @@ Ordering invariants (see docs/design.md for the argument):
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
 import ctypes as ct
 import errno
 import heapq
@@ -53,6 +55,8 @@ FLUSH_POLL_MAX = 0.05
 CLOSE_SWEEP = 0.2
 # How long dissolved splices stay visible in stats().
 RECENT = 60.0
+# Where engines publish snapshots for `splicectl ls` and `top`.
+RUN_DIR = os.environ.get("SOSPLICE_RUN_DIR", "/run/sosplice")
 
 _HOLD = 1 << 63  # a `copied` value `passed` never reaches: pass everything
 
@@ -124,6 +128,8 @@ class Splicer:
         self._reaped: list[Splice] = []
         self._timers: list[tuple[int, int, SpliceRecord]] = []  # (when, id, record)
         self._closed = False
+        self._snapshot_path = os.path.join(RUN_DIR, f"{os.getpid()}-{id(self):x}.json")
+        self._snapshot_written = False
         self._ep = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -243,6 +249,10 @@ class Splicer:
         if threading.current_thread() is not self._thread:
             self._thread.join()
         self._ep.close()
+        try:
+            os.unlink(self._snapshot_path)
+        except OSError:
+            pass
         os.close(self._wake)
         os.close(self._ready)
         self._prog.close()
@@ -287,6 +297,7 @@ class Splicer:
             user_fds=user_fds, inodes=inodes, max=max,
             idle_ns=int((idle or 0) * 1e9), started_ns=now, drain_base=base,
             q_old=0, drain_in_map=drain_in_map, last_copy_ns=now,
+            addrs=((src.getsockname(), src.getpeername()), (dst.getsockname(), dst.getpeername())),
         )
         handle._rec = rec
         try:
@@ -395,6 +406,7 @@ class Splicer:
                     next_sweep = time.monotonic() + CLOSE_SWEEP
                     self._sweep_closed()
                     self._expire_recent()
+                    self._publish_snapshot()
                 for rec in work:
                     if rec.state is not State.DONE:
                         self._move(rec)
@@ -415,6 +427,28 @@ class Splicer:
         poll backs off from 1 ms to 50 ms while the drain takes nothing.
         """
         self._at(rec, time.monotonic_ns() + int(rec.backoff * 1e9))
+
+    def _publish_snapshot(self) -> None:
+        """Write this engine's splices where `splicectl ls/top` finds them.
+
+        One JSON file per engine under RUN_DIR, replaced atomically every
+        CLOSE_SWEEP while there is anything to show, removed on close.
+        """
+        if not self._live and not self._recent and not self._snapshot_written:
+            return
+        now = time.monotonic_ns()
+        rows = [dataclasses.asdict(self._info(r, now)) for r in [*self._live.values(), *self._recent]]
+        doc = {"pid": os.getpid(), "backend": "bpf", "time": time.time(),
+               "cmdline": _cmdline(), "splices": rows}
+        try:
+            os.makedirs(RUN_DIR, exist_ok=True)
+            tmp = self._snapshot_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(doc, f, default=str)
+            os.replace(tmp, self._snapshot_path)
+            self._snapshot_written = bool(rows)
+        except OSError:
+            pass
 
     def _on_event(self, ctx: object, data: object, size: int) -> None:
         ev = ct.cast(data, ct.POINTER(SpliceEvent)).contents
@@ -693,22 +727,23 @@ class Splicer:
             s.close()
 
     def _info(self, rec: SpliceRecord, now: int) -> SpliceInfo:
-        def addrs(s: socket.socket) -> tuple[object, object]:
-            try:
-                return s.getsockname(), s.getpeername()
-            except OSError:
-                return None, None
-
         last = max(rec.last_ns, rec.last_copy_ns, rec.started_ns)
         end = rec.done_ns or now
         return SpliceInfo(
-            source=addrs(rec.src) if rec.state is not State.DONE else (None, None),
-            drain=addrs(rec.dst) if rec.state is not State.DONE else (None, None),
+            source=rec.addrs[0], drain=rec.addrs[1],
             source_cookie=rec.src_cookie, drain_cookie=rec.dst_cookie,
             bytes=rec.bytes, max=rec.max, idle=rec.idle_ns / 1e9 if rec.idle_ns else None,
             state=rec.state.value, error=rec.error, throttled=rec.fifo > 0,
             age=(end - rec.started_ns) / 1e9, idle_for=(end - last) / 1e9, pid=os.getpid(),
         )
+
+
+def _cmdline() -> str:
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def live_records(engine: Splicer) -> Iterable[SpliceRecord]:

@@ -45,6 +45,7 @@ class SpliceRecord:
     drain_base: int                # [I] drain's written count at start
     q_old: int                     # [I] source bytes queued before start
     drain_in_map: bool             # [I] False: drain cannot be a redirect target
+    addrs: tuple[tuple[Any, Any], tuple[Any, Any]]  # [I] (local, peer) of source, drain
     state: State = State.ACTIVE    # [C]
     error: int | None = None       # [C] reason, set once by dissolve()
     taken: int = 0                 # [C] bytes the controller took from the source
