@@ -52,8 +52,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.installed"
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-	"$VENV/bin/pip" install -q --upgrade pip >/dev/null
-	"$VENV/bin/pip" install -q -e '.[test]'
+	log="$VENV/setup.log"
+	if ! { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q -e '.[test]'; } >"$log" 2>&1; then
+		cat "$log" >&2
+		echo "setup: pip install failed (log above, also in $log)" >&2
+		exit 1
+	fi
 	touch "$stamp"
 fi
 "$VENV/bin/python" -c "import bcc, sosplice" || {
