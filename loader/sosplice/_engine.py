@@ -305,7 +305,7 @@ class Splicer:
             fresh = self._insert_source(rec)
             if not fresh:
                 rec.q_old = self._measure_queue(rec)
-            self._publish(rec, force=True)
+            self._publish(rec, 0, force=True)
         except BaseException:
             self._prog.stats.pop(key(scookie), None)
             self._prog.ctl.pop(key(scookie), None)
@@ -507,8 +507,16 @@ class Splicer:
         # The slow path: copy passed bytes, in order, once the drain has
         # taken everything redirected before them (invariant 2).
         budget = COPY_BUDGET
-        while budget > 0:
+        while budget > 0 and rec.state is State.ACTIVE:
             if rec.pending and not self._send_pending(rec):
+                break
+            written = _sock.written(rec.dst)[1] - rec.drain_base
+            # Read `passed` afresh and publish at once when the queue is
+            # empty: a sustained stream passes a new skb every few tens of
+            # microseconds, and only a publish that lands before the next
+            # one lets the verdict go back to redirecting.
+            self._read_stats(rec)
+            if rec.fifo == 0:
                 break
             room = rec.max - rec.bytes if rec.max else COPY_CHUNK
             n = min(rec.fifo, COPY_CHUNK, room, budget)
@@ -522,8 +530,7 @@ class Splicer:
             except (BlockingIOError, InterruptedError):
                 break  # counted by the verdict, not yet queued: EPOLLIN follows
             except OSError as e:
-                if rec.state is State.ACTIVE:
-                    self._dissolve(rec, e.errno or errno.EIO)
+                self._dissolve(rec, e.errno or errno.EIO)
                 break
             if not data:
                 break
@@ -531,12 +538,11 @@ class Splicer:
             rec.pending = data
             rec.last_copy_ns = time.monotonic_ns()
             budget -= len(data)
-            self._send_pending(rec)
-            written = _sock.written(rec.dst)[1] - rec.drain_base
-        if budget <= 0:
-            self._later(rec)
+        else:
+            if rec.state is State.ACTIVE:
+                self._later(rec)  # out of budget: let other splices run
         if rec.state is State.ACTIVE:
-            self._publish(rec)
+            self._publish(rec, written)
 
         if rec.state is not State.ACTIVE:
             pass
@@ -569,7 +575,7 @@ class Splicer:
             rec.want_out = on
             self._ep.modify(rec.dst.fileno(), select.EPOLLOUT if on else 0)
 
-    def _publish(self, rec: SpliceRecord, force: bool = False) -> None:
+    def _publish(self, rec: SpliceRecord, written: int, force: bool = False) -> None:
         """Bring the ctl entry in line with the record (one writer: here).
 
         credit: the verdict may redirect until the drain's backlog would
@@ -579,7 +585,7 @@ class Splicer:
         if not rec.drain_in_map:
             credit = 0
         else:
-            in_drain = max(0, _sock.written(rec.dst)[1] - rec.drain_base - rec.sent)
+            in_drain = max(0, written - rec.sent)
             credit = in_drain + self.backlog_cap
             if rec.max:
                 credit = min(credit, rec.max - rec.taken)
