@@ -58,6 +58,7 @@ RECENT = 60.0
 # Where engines publish snapshots for `splicectl ls` and `top`.
 RUN_DIR = os.environ.get("SOSPLICE_RUN_DIR", "/run/sosplice")
 
+SO_SNDBUFFORCE = 32
 _HOLD = 1 << 63  # a `copied` value `passed` never reaches: pass everything
 
 
@@ -74,14 +75,18 @@ def _fd_of(obj: object, what: str) -> int:
     return fd
 
 
-def _check_socket(fd: int, what: str) -> tuple[socket.socket, int]:
-    """Validate one end; return a dup of it (ours to close) and its inode."""
+def _inode_of(fd: int, what: str) -> int:
     try:
         st = os.fstat(fd)
     except OSError:
         raise _err(errno.EBADF, f"{what} fd {fd} is not open") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise _err(errno.ENOTSOCK, f"{what} fd {fd} is not a socket")
+    return st.st_ino
+
+
+def _check_socket(fd: int, what: str) -> socket.socket:
+    """Validate one end; return a dup of it, ours to close."""
     s = socket.socket(fileno=os.dup(fd))
     try:
         if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM \
@@ -96,7 +101,7 @@ def _check_socket(fd: int, what: str) -> tuple[socket.socket, int]:
     except BaseException:
         s.close()
         raise
-    return s, st.st_ino
+    return s
 
 
 class Splicer:
@@ -155,9 +160,12 @@ class Splicer:
                 raise TypeError(f"idle must be seconds as a float or None, not {type(idle).__name__}")
             if not math.isfinite(idle) or idle < 0:
                 raise _err(errno.EINVAL, f"idle must be a finite number of seconds >= 0, not {idle}")
-        src, sino = _check_socket(sfd, "source")
+        # Both fds are looked at before either is dup'ed: a dup could take
+        # the number of a closed fd the caller passed as the other end.
+        sino, dino = _inode_of(sfd, "source"), _inode_of(dfd, "drain")
+        src = _check_socket(sfd, "source")
         try:
-            dst, dino = _check_socket(dfd, "drain")
+            dst = _check_socket(dfd, "drain")
         except BaseException:
             src.close()
             raise
@@ -286,6 +294,11 @@ class Splicer:
         # sockmap (KERNEL-NOTES 9); it can still send, so the controller
         # copies every byte of such a splice itself (credit stays 0).
         drain_in_map = True
+        if dst.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 4 * self.backlog_cap:
+            # Room for the whole cap in the drain's own send queue, with
+            # the kernel's per-skb overhead (see _publish). Also what lifts
+            # bulk speed (KERNEL-NOTES 14).
+            dst.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * self.backlog_cap)
         try:
             self._prog.sock_insert(self._prog.drains_fd, dcookie, dst.fileno())
         except OSError as e:
@@ -585,8 +598,17 @@ class Splicer:
         if not rec.drain_in_map:
             credit = 0
         else:
-            in_drain = max(0, written - rec.sent)
-            credit = in_drain + self.backlog_cap
+            # Count against the cap every redirected byte the drain's peer
+            # has not acknowledged, wherever it sits: the drain's psock
+            # backlog or its send queue, which _start sized to hold the
+            # whole cap. So the backlog empties as fast as the worker runs,
+            # and that matters when the drain is also the source of the
+            # other direction: while a socket's psock backlog is not empty,
+            # bytes its verdict passes queue behind it uncharged to its
+            # receive buffer, and TCP flow control would not hold back
+            # its peer (measured on 6.18; tests/test_basic.py::test_nonblock).
+            acked = _sock.acked(rec.dst) - rec.drain_base
+            credit = max(0, acked - rec.sent) + self.backlog_cap
             if rec.max:
                 credit = min(credit, rec.max - rec.taken)
         copied = (rec.sent - rec.q_old) % U64

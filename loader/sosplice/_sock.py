@@ -27,6 +27,12 @@ def tcp_state(s: socket.socket) -> int:
     return s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
 
 
+def acked(s: socket.socket) -> int:
+    """Bytes the peer has acknowledged (tcpi_bytes_acked)."""
+    info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_LEN)
+    return struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
+
+
 def written(s: socket.socket) -> tuple[int, int]:
     """(TCP state, bytes ever written into the socket).
 
