@@ -133,6 +133,7 @@ class Splicer:
         self._unreported: dict[int, int] = {}           # source cookie -> error for geterror
         self._recent: collections.deque[SpliceRecord] = collections.deque()
         self._reaped: list[Splice] = []
+        self._sources: set[int] = set()                 # cookies we put in `sources`
         self._timers: list[tuple[int, int, SpliceRecord]] = []  # (when, id, record)
         self._closed = False
         self._snapshot_path = os.path.join(RUN_DIR, f"{os.getpid()}-{id(self):x}.json")
@@ -248,6 +249,8 @@ class Splicer:
             for rec in list(self._live.values()):
                 if rec.state is State.ACTIVE:
                     self._dissolve(rec, 0)
+                    self._at(rec, 0)
+            os.eventfd_write(self._wake, 1)
         deadline = time.monotonic() + 10
         for rec in list(self._live.values()):
             rec.handle._done.wait(max(0.0, deadline - time.monotonic()))
@@ -347,7 +350,11 @@ class Splicer:
     def _insert_source(self, rec: SpliceRecord) -> bool:
         """Put the source in `sources`; False if it already was (resplice)."""
         c = rec.src_cookie
-        if _sock.tcp_state(rec.src) != _sock.TCP_ESTABLISHED:
+        state = _sock.tcp_state(rec.src)
+        if state not in _sock.CAN_SEND:
+            raise _err(errno.ENOTCONN, "source has shut down its side of the connection; "
+                       "splice before calling shutdown() on it")
+        if state != _sock.TCP_ESTABLISHED:
             # CLOSE_WAIT: the peer sent FIN; the socket cannot join a map
             # (KERNEL-NOTES 9). What is left in it, the controller copies.
             rec.q_old = _sock.inq(rec.src)
@@ -357,12 +364,18 @@ class Splicer:
         # Resplice: the socket may hold bytes passed while it was not
         # spliced. Hold the verdict (pass everything) until they are counted.
         self._prog.ctl[key(c)] = SpliceCtl(rec.dst_cookie, 0, _HOLD, 0)
+        if c in self._sources:
+            return False
         try:
             self._prog.sock_insert(self._prog.sources_fd, c, rec.src.fileno())
         except OSError as e:
-            if e.errno != errno.EEXIST:
-                raise _err(e.errno, f"cannot add the source to the sockmap: {e.strerror}") from None
-            return False
+            if e.errno == errno.EBUSY:
+                raise _err(errno.EBUSY, "source is already in another sockmap with a verdict "
+                           "program (another sosplice engine?); use one engine") from None
+            raise _err(e.errno, f"cannot add the source to the sockmap: {e.strerror}") from None
+        # Never discarded: cookies are not reused, and a closed socket
+        # leaves the map by itself (pruned in _expire_recent).
+        self._sources.add(c)
         # A fresh source has nothing passed yet; bytes in its TCP queue
         # reach the verdict only on the next data_ready, which SO_RCVLOWAT
         # triggers now (KERNEL-NOTES 8).
@@ -696,6 +709,7 @@ class Splicer:
             # After FIN nothing more can arrive and nothing is queued:
             # the one moment a source leaves its map losslessly (invariant 4).
             self._prog.sock_delete(self._prog.sources_fd, rec.src_cookie)
+            self._sources.discard(rec.src_cookie)
         for s in (rec.src, rec.dst):
             self._byfd.pop(s.fileno(), None)
             try:
@@ -725,6 +739,7 @@ class Splicer:
         # `sources` only when closed (or after EOF, when it was deleted).
         if len(self._last) > 4 * len(self._live) + 1024:
             alive = self._prog.sock_keys(self._prog.sources_fd)
+            self._sources &= alive
             for c in [c for c, r in self._last.items() if c not in alive and r.done_ns < cutoff]:
                 del self._last[c]
                 self._unreported.pop(c, None)
