@@ -1,0 +1,83 @@
+"""Checks on how the engine is built: record tags, C/ctypes layouts, refusals."""
+from __future__ import annotations
+
+import ctypes as ct
+import dataclasses
+import errno
+import inspect
+import re
+import subprocess
+import sys
+
+import pytest
+
+from sosplice import _bpf, _maps, _splice
+
+
+def test_every_record_field_names_its_owner():
+    """Each SpliceRecord field carries an owner tag from the module legend."""
+    legend = set(re.findall(r"^  \[(\w)\]", _splice.__doc__, re.M))
+    assert legend == {"I", "C", "K"}
+    src = inspect.getsource(_splice.SpliceRecord)
+    fields = [f.name for f in dataclasses.fields(_splice.SpliceRecord)]
+    for name in fields:
+        m = re.search(rf"^    {name}: [^\n]*#\s*\[(\w)\]", src, re.M)
+        assert m, f"SpliceRecord.{name} has no owner tag"
+        assert m.group(1) in legend, f"SpliceRecord.{name}: unknown tag [{m.group(1)}]"
+
+
+def _c_sizeof(struct: str) -> int:
+    """sizeof(struct) as the C compiler sees bpf/sosplice.h."""
+    prog = f"""
+#include <stdio.h>
+#include <linux/types.h>
+#define BPF_SOCKHASH(...)
+#define BPF_HASH(...)
+#define BPF_RINGBUF_OUTPUT(...)
+#include "sosplice.h"
+int main(void) {{ printf("%zu\\n", sizeof(struct {struct})); return 0; }}
+"""
+    exe = f"/tmp/sosplice-sizeof-{struct}"
+    subprocess.run(["cc", "-x", "c", "-I", str(_bpf.bpf_dir()), "-o", exe, "-"],
+                   input=prog.encode(), check=True)
+    return int(subprocess.run([exe], capture_output=True, check=True).stdout)
+
+
+@pytest.mark.parametrize("c_name, py", [
+    ("splice_ctl", _maps.SpliceCtl),
+    ("splice_stats", _maps.SpliceStats),
+    ("splice_event", _maps.SpliceEvent),
+])
+def test_ctypes_mirror_matches_header(c_name, py):
+    assert _c_sizeof(c_name) == ct.sizeof(py)
+
+
+@pytest.mark.parametrize("release, ok", [
+    ("6.18.44-fc-v782", True), ("6.16.0", True), ("7.0.1", True),
+    ("6.15.9-generic", False), ("6.1.0-56-amd64", False), ("5.15.0", False),
+])
+def test_old_kernels_are_refused(release, ok):
+    if ok:
+        _bpf.check_kernel(release)
+    else:
+        with pytest.raises(OSError) as info:
+            _bpf.check_kernel(release)
+        assert info.value.errno == errno.ENOSYS
+        assert "6.16" in str(info.value)
+
+
+def test_without_privilege_eperm_names_the_capability():
+    """An unprivileged process gets EPERM naming CAP_BPF, not a bcc traceback."""
+    code = (
+        "import os, sosplice\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "try:\n"
+        "    sosplice.Splicer()\n"
+        "except PermissionError as e:\n"
+        "    print(e.errno, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    num, _, msg = out.stdout.partition(" ")
+    assert int(num) == errno.EPERM
+    assert "CAP_BPF" in msg and "CAP_NET_ADMIN" in msg
