@@ -290,7 +290,8 @@ class Splicer:
             raise _err(errno.EBUSY, "source is already spliced; unsplice it first")
         if dcookie in self._drains:
             raise _err(errno.EBUSY, "drain is already fed by another splice")
-        state, base = _sock.written(dst)
+        state, acked, queued = _sock.progress(dst)
+        base = acked + queued
         if state not in _sock.CAN_SEND:
             raise _err(errno.EPIPE, "drain can no longer send")
         handle = Splice(self)
@@ -499,8 +500,8 @@ class Splicer:
         when it must look again without an event it arms a timer (_later).
         """
         self._read_stats(rec)
-        state, w = _sock.written(rec.dst)
-        written = w - rec.drain_base
+        state, acked, queued = _sock.progress(rec.dst)
+        written = acked + queued - rec.drain_base
         if written != rec.last_written:
             rec.last_written, rec.backoff = written, FLUSH_POLL
         else:
@@ -538,7 +539,8 @@ class Splicer:
         while budget > 0 and rec.state is State.ACTIVE:
             if rec.pending and not self._send_pending(rec):
                 break
-            written = _sock.written(rec.dst)[1] - rec.drain_base
+            _, acked, queued = _sock.progress(rec.dst)
+            written = acked + queued - rec.drain_base
             # Read `passed` afresh and publish at once when the queue is
             # empty: a sustained stream passes a new skb every few tens of
             # microseconds, and only a publish that lands before the next
@@ -554,6 +556,11 @@ class Splicer:
                 break
             if written < rec.moved + rec.sent:
                 self._later(rec)  # the drain's backlog is not empty yet
+                break
+            if rec.drain_in_map and rec.moved + rec.sent - (acked - rec.drain_base) >= self.backlog_cap:
+                # The cap binds this path too: bytes the drain's peer has
+                # not acknowledged stay within it whichever path sent them.
+                self._later(rec)
                 break
             try:
                 data = rec.src.recv(n, socket.MSG_DONTWAIT)
@@ -624,7 +631,7 @@ class Splicer:
             # bytes its verdict passes queue behind it uncharged to its
             # receive buffer, and TCP flow control would not hold back
             # its peer (measured on 6.18; tests/test_basic.py::test_nonblock).
-            acked = _sock.acked(rec.dst) - rec.drain_base
+            acked = _sock.progress(rec.dst)[1] - rec.drain_base
             credit = max(0, acked - rec.sent) + self.backlog_cap
             if rec.max:
                 credit = min(credit, rec.max - rec.taken)

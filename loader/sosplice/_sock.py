@@ -27,23 +27,17 @@ def tcp_state(s: socket.socket) -> int:
     return s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
 
 
-def acked(s: socket.socket) -> int:
-    """Bytes the peer has acknowledged (tcpi_bytes_acked)."""
-    info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_LEN)
-    return struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
+def progress(s: socket.socket) -> tuple[int, int, int]:
+    """(TCP state, bytes acknowledged by the peer, bytes in the send queue).
 
-
-def written(s: socket.socket) -> tuple[int, int]:
-    """(TCP state, bytes ever written into the socket).
-
-    Acked bytes plus what still sits in the send queue: redirected bytes
+    acked + queued = bytes ever written into the socket: redirected bytes
     show up here once the drain's backlog worker has handed them to TCP
-    (KERNEL-NOTES 4), so this is how we know the backlog is empty.
+    (KERNEL-NOTES 4), which is how we know the backlog is empty.
     """
     info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_LEN)
     acked = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
     outq = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-    return info[0], acked + outq
+    return info[0], acked, outq
 
 
 def inq(s: socket.socket) -> int:
