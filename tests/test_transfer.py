@@ -1,0 +1,304 @@
+"""Bulk transfers through splices: integrity, EOF, unsplice, drain failure,
+many splices at once. Every test checks the bytes with sha256 against the
+deterministic stream that was sent.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+import time
+
+import pytest
+
+import sosplice
+from conftest import (Pump, Receiver, Sender, Stream, _fd_count, assert_nothing_arrives,
+                      fionread, recv_exactly, recv_until_eof, sha, tcp_written, unsplice,
+                      wait_until)
+
+MiB = 1 << 20
+
+
+def _is_live(rec) -> bool:
+    """A stats() record describes a splice that has not finished."""
+    state = getattr(rec, "state", None)
+    if state is not None:
+        return str(getattr(state, "value", state)) in ("active", "dissolving")
+    active = getattr(rec, "active", None)
+    if active is not None:
+        return bool(active)
+    return getattr(rec, "error", None) is None
+
+
+# --------------------------------------------------------------------------
+# throughput
+
+
+@pytest.mark.slow
+def test_throughput_1gib_each_way(env):
+    """FreeBSD's throughput case: 1 GiB each way at the same time."""
+    L0, L1 = env.pair()
+    R0, R1 = env.pair()
+    sp_l = sosplice.splice(L1, R0)
+    sp_r = sosplice.splice(R0, L1)
+    total = 1 << 30
+    t0 = time.monotonic()
+    a = env.start(Pump(L0, R1, Stream(101), total, deadline=300))
+    b = env.start(Pump(R1, L0, Stream(202), total, deadline=300))
+    a.check(310)
+    b.check(310)
+    elapsed = time.monotonic() - t0
+    print(f"\n2 x 1 GiB through a bidirectional splice in {elapsed:.1f} s "
+          f"({2 * total / elapsed / 1e9:.2f} GB/s total)")
+    a.assert_intact()
+    b.assert_intact()
+    assert sp_l.bytes == total and sp_r.bytes == total
+    L0.shutdown(socket.SHUT_WR)
+    R1.shutdown(socket.SHUT_WR)
+    assert sp_l.wait(timeout=10) == 0
+    assert sp_r.wait(timeout=10) == 0
+    assert sosplice.getsplice(L1) == total and sosplice.getsplice(R0) == total
+
+
+@pytest.mark.parametrize("size", [1, 1000, 65536 + 3, 3 * MiB + 5])
+def test_transfer_sizes_both_ways(env, size):
+    L0, L1 = env.pair()
+    R0, R1 = env.pair()
+    sp_l = sosplice.splice(L1, R0)
+    sp_r = sosplice.splice(R0, L1)
+    a = env.start(Pump(L0, R1, Stream(size), size, shutdown=True, deadline=30))
+    b = env.start(Pump(R1, L0, Stream(size + 1), size, shutdown=True, deadline=30))
+    a.check(30)
+    b.check(30)
+    a.assert_intact()
+    b.assert_intact()
+    assert sp_l.wait(timeout=10) == 0
+    assert sp_r.wait(timeout=10) == 0
+    assert sp_l.bytes == size and sp_r.bytes == size
+    # Both sources are at EOF and empty; the drains were left open.
+    assert recv_until_eof(L1, 5) == b""
+    assert recv_until_eof(R0, 5) == b""
+    assert_nothing_arrives(R1, 0.05)
+    assert_nothing_arrives(L0, 0.05)
+
+
+# --------------------------------------------------------------------------
+# EOF with a slow reader
+
+
+def test_eof_waits_for_slow_drain(env):
+    """EOF dissolves with 0 only once the drain's socket took every byte;
+    the app then shuts the drain down and the peer gets all of it + EOF."""
+    L0, L1 = env.pair()
+    R0, R1 = env.pair()
+    total = 20_000_000
+    stream = Stream(20)
+    # Bytes the drain's socket has taken, counted from here (a client's
+    # tcpi_bytes_acked includes its SYN).
+    base = tcp_written(R0)
+    sp = sosplice.splice(L1, R0)
+    sender = env.start(Sender(L0, stream, total, shutdown=True, deadline=60))
+    # Slow at first: 4 KiB reads with 3 ms sleeps for about a second.
+    reader = env.start(Receiver(R1, slow=(300, 4096, 0.003), deadline=60))
+
+    assert sp.wait(timeout=60) == 0
+    taken = tcp_written(R0) - base
+    sender.check(5)
+    assert sender.sent == total
+    assert sp.bytes == total
+    # "Dissolved" means flushed: the drain's socket holds (or has sent)
+    # every moved byte, so shutting it down now loses nothing.
+    assert taken == total, f"wait() returned with only {taken} of {total} bytes in the drain"
+    assert not reader.eof, "the splice shut the drain down; the contract says it must not"
+    shut_at = time.monotonic()
+    R0.shutdown(socket.SHUT_WR)
+
+    reader.check(30)
+    assert reader.eof and reader.eof_at >= shut_at
+    assert reader.count == total
+    assert reader.hash.hexdigest() == sender.hash.hexdigest() == stream.sha256(0, total)
+    # The source is a normal socket at EOF now.
+    assert recv_until_eof(L1, 5) == b""
+    assert sosplice.getsplice(L1) == total
+
+
+def test_eof_one_way_while_other_way_busy(env):
+    """Bidirectional splice: EOF ends R0->L1 while L1->R0 still has bytes on
+    their way into R0. Those bytes must still arrive, intact.
+
+    Repeated a few times because the window is a race.
+    """
+    total = 16 * MiB
+    for trial in range(6):
+        L0, L1 = env.pair()
+        R0, R1 = env.pair()
+        stream = Stream(1000 + trial)
+        sp_l = sosplice.splice(L1, R0)
+        sp_r = sosplice.splice(R0, L1)
+        sender = env.start(Sender(L0, stream, total, shutdown=False, deadline=30))
+        time.sleep(0.1)  # R1 does not read yet: R0 and the splice fill up
+        R1.shutdown(socket.SHUT_WR)
+        assert sp_r.wait(timeout=5) == 0
+        assert sp_r.bytes == 0
+        reader = env.start(Receiver(R1, expect=total, until_eof=False, deadline=20))
+        sender.check(20)
+        reader.check(20)
+        assert reader.count == total, \
+            f"trial {trial}: R1 got {reader.count} of {total}; splice says {sp_l.bytes} moved"
+        assert reader.hash.hexdigest() == stream.sha256(0, total), f"trial {trial}: corrupted"
+        assert sp_l.active
+        L0.shutdown(socket.SHUT_WR)
+        assert sp_l.wait(timeout=5) == 0
+        assert sp_l.bytes == total
+
+
+# --------------------------------------------------------------------------
+# unsplice in the middle of a transfer
+
+
+def test_unsplice_mid_transfer_is_lossless(env):
+    L0, L1 = env.pair()
+    R0, R1 = env.pair()
+    total = 64 * MiB
+    stream = Stream(64)
+    sp = sosplice.splice(L1, R0)
+    # The sender pauses at 24 MiB until the test has unspliced, so the
+    # unsplice always lands while the transfer is under way.
+    sender = env.start(Sender(L0, stream, total, shutdown=True, gate_at=24 * MiB, deadline=60))
+    reader = env.start(Receiver(R1, deadline=60))
+    wait_until(lambda: reader.count >= 8 * MiB, 20, "8 MiB through the splice")
+    moved = unsplice(L1)
+    assert 8 * MiB <= moved <= 24 * MiB
+    assert not sp.active and sp.error == 0 and sp.bytes == moved
+    sender.gate.set()
+
+    # Everything moved reaches the drain's peer; then the app's EOF.
+    R0.shutdown(socket.SHUT_WR)
+    reader.check(30)
+    assert reader.eof
+    assert reader.count == moved, f"drain's peer got {reader.count}, splice moved {moved}"
+
+    # The rest is read from the source with plain recv, until the sender's EOF.
+    h = reader.hash.copy()
+    rest = 0
+    deadline = time.monotonic() + 30
+    L1.settimeout(1.0)
+    while True:
+        assert time.monotonic() < deadline, f"source EOF missing after {rest} bytes"
+        try:
+            data = L1.recv(MiB)
+        except TimeoutError:
+            continue
+        if not data:
+            break
+        h.update(data)
+        rest += len(data)
+    sender.check(10)
+    assert sender.sent == total
+    assert moved + rest == total, (moved, rest, total)
+    assert h.hexdigest() == sender.hash.hexdigest() == stream.sha256(0, total)
+    assert sosplice.getsplice(L1) == moved
+
+
+# --------------------------------------------------------------------------
+# a drain reset by its peer
+
+
+def test_drain_reset_by_peer(env):
+    L0, L1 = env.pair()
+    R0, R1 = env.pair()
+    stream = Stream(7)
+    sp = sosplice.splice(L1, R0)
+    sender = env.start(Sender(L0, stream, 1 << 34, shutdown=False, deadline=60))
+    first = recv_exactly(R1, MiB)
+    assert first == stream.read(0, MiB)
+
+    R1.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    R1.close()
+    err = sp.wait(timeout=10)
+    assert err in (errno.EPIPE, errno.ECONNRESET), f"dissolved with {errno.errorcode.get(err, err)}"
+    assert sosplice.geterror(L1) == err
+    assert sosplice.geterror(L1) == 0
+
+    # Stop the sender, end its stream, and take what is left on the source.
+    sender.stop()
+    sender.check(10)
+    L0.shutdown(socket.SHUT_WR)
+    left = recv_until_eof(L1, 20, limit=1 << 31)
+    moved = sp.bytes
+    assert moved >= MiB
+    assert moved + len(left) == sender.sent, (moved, len(left), sender.sent)
+    # What stayed on the source is exactly the unmoved tail of the stream.
+    assert sha(left) == stream.sha256(moved, len(left))
+    assert sosplice.getsplice(L1) == moved
+
+
+# --------------------------------------------------------------------------
+# many splices at once
+
+
+def test_500_concurrent_splices(env, splicer):
+    n = 500
+    stream = Stream(500)
+    fds_before = _fd_count()
+    pairs = [(env.pair(), env.pair()) for _ in range(n)]
+    sizes = [1024 + (i * 2654435761) % 7168 for i in range(n)]
+    sps = [splicer.splice(a1, b0) for (a0, a1), (b0, b1) in pairs]
+    assert all(sp.active for sp in sps)
+    assert sum(1 for r in splicer.stats() if _is_live(r)) == n
+
+    for i, ((a0, a1), _) in enumerate(pairs):
+        a0.sendall(stream.read(i * 8192, sizes[i]))
+
+    got = [bytearray() for _ in range(n)]
+    poller = select.poll()
+    by_fd = {}
+    for i, (_, (b0, b1)) in enumerate(pairs):
+        poller.register(b1, select.POLLIN)
+        by_fd[b1.fileno()] = i
+    remaining = n
+    deadline = time.monotonic() + 30
+    while remaining:
+        assert time.monotonic() < deadline, f"{remaining} splices still incomplete"
+        for fd, _ev in poller.poll(200):
+            i = by_fd[fd]
+            data = os.read(fd, 65536)
+            assert data, f"EOF on splice {i}"
+            got[i] += data
+            if len(got[i]) >= sizes[i]:
+                poller.unregister(fd)
+                remaining -= 1
+    for i in range(n):
+        assert sha(bytes(got[i])) == stream.sha256(i * 8192, sizes[i]), f"splice {i} corrupted"
+        assert sps[i].bytes == sizes[i]
+
+    # Even splices end at EOF; odd ones by the app closing both spliced
+    # sockets while they are still active.
+    for i, ((a0, a1), (b0, b1)) in enumerate(pairs):
+        if i % 2 == 0:
+            a0.shutdown(socket.SHUT_WR)
+        else:
+            a1.close()
+            b0.close()
+    deadline = time.monotonic() + 30
+    for i, sp in enumerate(sps):
+        err = sp.wait(timeout=max(0.1, deadline - time.monotonic()))
+        if i % 2 == 0:
+            assert err == 0, f"splice {i} ended with {err}"
+        assert sp.bytes == sizes[i]
+    for i, (_, (b0, b1)) in enumerate(pairs):
+        if i % 2 == 0:
+            assert fionread(b1) == 0, f"extra bytes on splice {i}"
+    assert not [r for r in splicer.stats() if _is_live(r)]
+
+    for (a0, a1), (b0, b1) in pairs:
+        for s in (a0, a1, b0, b1):
+            s.close()
+    wait_until(lambda: _fd_count() <= fds_before, 5,
+               f"fd count back to {fds_before} (now {_fd_count()})")
+    stats = splicer.stats()
+    assert not [r for r in stats if _is_live(r)]
+    assert len(stats) <= n
+    assert all(r.bytes in set(sizes) for r in stats)
