@@ -81,3 +81,42 @@ def test_without_privilege_eperm_names_the_capability():
     num, _, msg = out.stdout.partition(" ")
     assert int(num) == errno.EPERM
     assert "CAP_BPF" in msg and "CAP_NET_ADMIN" in msg
+
+
+def test_window_clamp_is_restored_after_a_throttled_limit():
+    """A splice that ends while throttled gives the source back unclamped."""
+    import os
+    import socket
+    import threading
+
+    import sosplice
+    from conftest import tcp_pair
+
+    TCP_WINDOW_CLAMP = 10
+    L0, L1 = tcp_pair()
+    R0, R1 = tcp_pair()
+    L0.settimeout(60)
+    data = os.urandom(24 << 20)
+    with sosplice.Splicer(backlog_cap=1 << 20) as eng:
+        # The drain's reader is stopped, so the limit is reached on the
+        # controller's copy path, with the window clamped.
+        sp = eng.splice(L1, R0, max=len(data) // 2)
+        t = threading.Thread(target=lambda: L0.sendall(data))
+        t.start()
+        got = bytearray()
+        R1.settimeout(10)
+        while len(got) < len(data) // 2:
+            got += R1.recv(1 << 20)
+        assert sp.wait(10) == errno.EFBIG
+        assert bytes(got) == data[: len(data) // 2]
+        # Clamped, it would stay at the engine's 128 KiB; TCP's autotuning
+        # moves the clamp by itself, so "restored" means "not ours".
+        assert L1.getsockopt(socket.IPPROTO_TCP, TCP_WINDOW_CLAMP) > 128 << 10
+        rest = bytearray()
+        L1.settimeout(10)
+        while len(rest) < len(data) - len(got):
+            rest += L1.recv(1 << 20)
+        t.join(10)
+        assert bytes(rest) == data[len(got):]
+    for s in (L0, L1, R0, R1):
+        s.close()

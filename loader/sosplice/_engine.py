@@ -698,6 +698,8 @@ class Splicer:
         rec.state = State.DISSOLVING
         rec.error = error
         self._prog.ctl.pop(key(rec.src_cookie), None)
+        if rec.clamped:
+            self._clamp(rec, False)  # the source goes back to the app as it came
 
     def _finish(self, rec: SpliceRecord) -> None:
         """Flushed (or the drain is dead): release everything, report once."""
