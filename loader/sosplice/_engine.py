@@ -506,9 +506,6 @@ class Splicer:
             rec.last_written, rec.backoff = written, FLUSH_POLL
         else:
             rec.backoff = min(rec.backoff * 2, FLUSH_POLL_MAX)
-        if rec.state is State.ACTIVE and _sock.tcp_state(rec.src) == _sock.TCP_CLOSE:
-            # The source was reset: what it still held went with it.
-            self._dissolve(rec, errno.ECONNRESET)
         if state not in _sock.CAN_SEND:
             # The drain can no longer send: whatever is queued for it is
             # lost with it; what was taken from the source stays counted.

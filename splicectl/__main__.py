@@ -1,0 +1,5 @@
+import sys
+
+from splicectl.main import main
+
+sys.exit(main())

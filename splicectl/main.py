@@ -1,0 +1,132 @@
+"""splicectl: run and watch in-kernel TCP splices (sosplice)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EPILOG = """\
+examples:
+  splicectl demo
+      spliced vs userspace relay on loopback, every byte hash-checked
+  splicectl proxy 127.0.0.1:8080 127.0.0.1:9000 127.0.0.1:9001
+      proxy port 8080 to two upstreams, round robin
+  splicectl proxy [::]:8443 [::1]:443 --idle 300 --max-conns 1000 --metrics 127.0.0.1:9100
+  splicectl ls                 every splice on this host, one table
+  splicectl ls --json          the same as a JSON list
+  splicectl top 0.5 --sort rate    refresh every 0.5 s, busiest first; q quits
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"{self.prog}: error: {message} (try --help)\n")
+        raise SystemExit(2)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def _size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B")
+    mult = 1
+    for suf, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if t.endswith(suf):
+            t, mult = t[:-1], m
+            break
+    try:
+        return int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 4M)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="splicectl", description=__doc__, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+
+    px = sub.add_parser("proxy", help="TCP proxy that splices in the kernel",
+                        description="Accept on LISTEN, connect to an UPSTREAM (round robin) and "
+                                    "splice both ways in the kernel.",
+                        epilog="example: splicectl proxy 127.0.0.1:8080 127.0.0.1:9000 [::1]:9001",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    px.add_argument("listen", metavar="LISTEN", help="address to accept on, e.g. 127.0.0.1:8080 or [::1]:8080")
+    px.add_argument("upstream", metavar="UPSTREAM", nargs="+", help="upstream address(es)")
+    px.add_argument("--connect-timeout", type=_positive_float, default=3.0, metavar="S",
+                    help="upstream connect timeout in seconds (default 3)")
+    px.add_argument("--idle", type=_positive_float, default=None, metavar="S",
+                    help="close a direction after S seconds without a byte")
+    px.add_argument("--max-conns", type=int, default=0, metavar="N",
+                    help="stop accepting beyond N live connections (0 = no limit)")
+    px.add_argument("--backlog-cap", type=_size, default=None, metavar="BYTES",
+                    help="kernel bytes held per splice beyond socket buffers (e.g. 4M)")
+    px.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                    help="serve Prometheus metrics over HTTP here")
+    px.add_argument("--grace", type=float, default=5.0, metavar="S",
+                    help="on SIGINT/SIGTERM let connections finish for S seconds (default 5)")
+    px.add_argument("--no-check", action="store_true",
+                    help="do not check that every upstream is reachable at start")
+    px.add_argument("--log-level", default="warning",
+                    choices=["debug", "info", "warning", "error"], help="default: warning")
+
+    dm = sub.add_parser("demo", help="spliced proxy vs userspace relay, hash-checked")
+    dm.add_argument("--seconds", type=_positive_float, default=5.0, help="spliced run length (default 5)")
+    dm.add_argument("--conns", type=int, default=8, help="concurrent connections (default 8)")
+    dm.add_argument("--no-live", action="store_true", help="do not show the live table")
+
+    for name, hlp in (("ls", "list every splice on this host"), ("top", "live view of every splice")):
+        v = sub.add_parser(name, help=hlp)
+        if name == "top":
+            v.add_argument("interval", nargs="?", type=_positive_float, default=1.0,
+                           help="seconds between refreshes (default 1)")
+            v.add_argument("count", nargs="?", type=int, default=0,
+                           help="refresh this many times, then exit (default: until q)")
+        else:
+            v.add_argument("--json", action="store_true", help="print a JSON list")
+        v.add_argument("--sort", choices=["bytes", "rate", "age"], default="bytes")
+        v.add_argument("--wide", action="store_true", help="all columns, wider than 80")
+        v.add_argument("--all", action="store_true", help="every dissolved splice, not only the 10 first")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.cmd == "proxy":
+            from . import proxy
+            logging.basicConfig(level=args.log_level.upper(),
+                                format="%(asctime)s splicectl %(levelname)s %(message)s")
+            try:
+                return proxy.run_cli(args)
+            except proxy.UsageError as e:
+                sys.stderr.write(f"splicectl proxy: {e}\n")
+                return 2
+        if args.cmd == "demo":
+            from . import demo
+            return demo.run(args)
+        from . import view
+        if args.cmd == "ls":
+            return view.ls(args)
+        return view.top(args)
+    except KeyboardInterrupt:
+        return 130
+    except PermissionError as e:
+        sys.stderr.write(f"splicectl {args.cmd}: {e.strerror or e} (run as root or grant CAP_BPF+CAP_NET_ADMIN)\n")
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

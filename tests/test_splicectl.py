@@ -1,0 +1,230 @@
+"""splicectl: the proxy as a subprocess on loopback, ls --json, bad args."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def splicectl(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "splicectl", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30, **kw)
+
+
+class Upstream:
+    """First byte picks the mode: b'E' echoes, b'H' replies with the sha256
+    of everything after it once the client half-closes."""
+
+    def __init__(self) -> None:
+        self.ls = socket.create_server(("127.0.0.1", 0))
+        self.addr = "%s:%d" % self.ls.getsockname()
+        self.threads: list[threading.Thread] = []
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                s, _ = self.ls.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._conn, args=(s,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _conn(self, s: socket.socket) -> None:
+        with s:
+            try:
+                mode = s.recv(1)
+                if mode == b"E":
+                    while d := s.recv(1 << 16):
+                        s.sendall(d)
+                elif mode == b"H":
+                    h = hashlib.sha256()
+                    while d := s.recv(1 << 16):
+                        h.update(d)
+                    s.sendall(h.hexdigest().encode())
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        try:
+            self.ls.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.ls.close()
+        self.t.join(5)
+
+
+class Proxy:
+    def __init__(self, *args: str) -> None:
+        self.p = subprocess.Popen([PY, "-m", "splicectl", "proxy", "127.0.0.1:0", *args], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline()
+        if not line.startswith("listening on "):
+            self.p.kill()
+            raise AssertionError(f"proxy did not start: {line!r} {self.p.stderr.read()}")
+        host_port = line.split()[2].rstrip(",")
+        host, _, port = host_port.rpartition(":")
+        self.addr = (host, int(port))
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            return self.p.wait(timeout)
+        finally:
+            if self.p.poll() is None:
+                self.p.kill()
+                self.p.wait()
+            self.p.stdout.close()
+            self.p.stderr.close()
+
+
+@pytest.fixture
+def upstream():
+    u = Upstream()
+    yield u
+    u.close()
+
+
+@pytest.fixture
+def proxies():
+    started: list[Proxy] = []
+    yield lambda *a: started.append(Proxy(*a)) or started[-1]
+    for p in started:
+        p.stop(signal.SIGKILL)
+
+
+def recv_all(s: socket.socket) -> bytes:
+    out = bytearray()
+    while d := s.recv(1 << 16):
+        out += d
+    return bytes(out)
+
+
+def one_client(addr, rng: random.Random) -> str | None:
+    size = rng.choice([0, 1, rng.randrange(1, 4096), rng.randrange(1, 1 << 20)])
+    data = rng.randbytes(size)
+    mode = rng.choice([b"E", b"H"])
+    with socket.create_connection(addr, timeout=30) as s:
+        def send():
+            s.sendall(mode + data)
+            s.shutdown(socket.SHUT_WR)  # half-close: the answer still comes back
+        t = threading.Thread(target=send)
+        t.start()
+        got = recv_all(s)
+        t.join()
+    want = data if mode == b"E" else hashlib.sha256(data).hexdigest().encode()
+    if got != want:
+        return f"mode {mode} size {size}: got {len(got)} bytes, wanted {len(want)}"
+    return None
+
+
+def test_many_clients_half_close_hash_checked(upstream, proxies):
+    px = proxies(upstream.addr)
+    errors: list = []
+    def worker(seed):
+        try:
+            r = one_client(px.addr, random.Random(seed))
+        except Exception as e:  # noqa: BLE001
+            r = repr(e)
+        if r:
+            errors.append(r)
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(50)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors, errors
+    assert px.stop() == 0
+
+
+def test_upstream_down_closes_client(upstream, proxies):
+    px = proxies(upstream.addr, "--connect-timeout", "1")
+    upstream.close()
+    with socket.create_connection(px.addr, timeout=10) as s:
+        s.sendall(b"E hello")
+        try:
+            assert s.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    assert px.stop() == 0
+
+
+def test_second_upstream_used_when_first_refuses(upstream, proxies):
+    dead = socket.create_server(("127.0.0.1", 0))
+    dead_addr = "%s:%d" % dead.getsockname()
+    dead.close()
+    px = proxies(dead_addr, upstream.addr, "--no-check")
+    for i in range(4):
+        assert one_client(px.addr, random.Random(i)) is None
+
+
+def test_sigterm_with_live_connections_exits_within_grace(upstream, proxies):
+    px = proxies(upstream.addr, "--grace", "1")
+    conns = [socket.create_connection(px.addr) for _ in range(5)]
+    for s in conns:
+        s.sendall(b"Eping")
+        assert s.recv(4) == b"ping"
+    t0 = time.monotonic()
+    assert px.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 5
+    for s in conns:
+        s.settimeout(5)
+        try:
+            assert s.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        s.close()
+
+
+def test_ls_json_lists_live_splices(upstream, proxies):
+    px = proxies(upstream.addr)
+    conns = [socket.create_connection(px.addr) for _ in range(3)]
+    for s in conns:
+        s.sendall(b"Eping")
+        assert s.recv(4) == b"ping"
+    time.sleep(0.6)  # engines publish every 0.2 s
+    r = splicectl("ls", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    mine = [x for x in rows if x["pid"] == px.p.pid and x["state"] == "active"]
+    assert len(mine) == 6, rows  # two splices per connection
+    ports = {s.getsockname()[1] for s in conns}
+    assert {int(x["source_peer"].rsplit(":", 1)[1]) for x in mine} & ports == ports
+    r = splicectl("ls")
+    assert r.returncode == 0 and "active" in r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    for s in conns:
+        s.close()
+
+
+@pytest.mark.parametrize("args", [
+    ["proxy", "nonsense", "127.0.0.1:1"],
+    ["proxy", "127.0.0.1:0", "127.0.0.1:99999"],
+    ["proxy", "127.0.0.1:0"],
+    ["proxy", "127.0.0.1:0", "127.0.0.1:1", "--idle", "x"],
+    ["proxy", "127.0.0.1:0", "127.0.0.1:1"],      # nothing listens there
+    ["nosuchcommand"],
+])
+def test_bad_arguments_exit_2_with_one_line(args):
+    r = splicectl(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
