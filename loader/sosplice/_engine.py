@@ -59,8 +59,6 @@ RECENT = 60.0
 RUN_DIR = os.environ.get("SOSPLICE_RUN_DIR", "/run/sosplice")
 
 SO_SNDBUFFORCE = 32
-TCP_WINDOW_CLAMP = 10
-CLAMPED_WINDOW = 128 << 10
 _HOLD = 1 << 63  # a `copied` value `passed` never reaches: pass everything
 
 
@@ -545,8 +543,6 @@ class Splicer:
             self._read_stats(rec)
             if rec.fifo == 0:
                 break
-            if not rec.clamped:
-                self._clamp(rec, True)
             room = rec.max - rec.bytes if rec.max else COPY_CHUNK
             n = min(rec.fifo, COPY_CHUNK, room, budget)
             if n <= 0:
@@ -638,28 +634,6 @@ class Splicer:
         if want != rec.published or force:
             self._prog.ctl[key(rec.src_cookie)] = SpliceCtl(rec.dst_cookie, *want)
             rec.published = want
-        if rec.clamped and rec.fifo == 0 and not rec.pending:
-            self._clamp(rec, False)
-
-    def _clamp(self, rec: SpliceRecord, on: bool) -> None:
-        """Clamp the source's receive window while the controller copies.
-
-        In the slow path the verdict passes every skb until the queue is
-        empty, and a sender faster than our copying would keep it from ever
-        being empty: the splice would never return to redirecting. A small
-        window makes the sender wait for our reads, so the queue empties
-        and the publish that re-enables the redirect wins the race. (Not
-        SO_RCVBUF: a full receive buffer sends passed skbs to the psock's
-        deferred queue, retried a jiffy later.)
-        """
-        if on:
-            rec.window = rec.src.getsockopt(socket.IPPROTO_TCP, TCP_WINDOW_CLAMP)
-        try:
-            rec.src.setsockopt(socket.IPPROTO_TCP, TCP_WINDOW_CLAMP,
-                               CLAMPED_WINDOW if on else rec.window)
-            rec.clamped = on
-        except OSError:
-            pass
 
     def _idle_expired(self, rec: SpliceRecord) -> bool:
         last = max(rec.last_ns, rec.last_copy_ns, rec.started_ns)
@@ -695,8 +669,6 @@ class Splicer:
         rec.state = State.DISSOLVING
         rec.error = error
         self._prog.ctl.pop(key(rec.src_cookie), None)
-        if rec.clamped:
-            self._clamp(rec, False)  # the source goes back to the app as it came
 
     def _finish(self, rec: SpliceRecord) -> None:
         """Flushed (or the drain is dead): release everything, report once."""

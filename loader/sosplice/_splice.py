@@ -55,8 +55,6 @@ class SpliceRecord:
     eof: bool = False              # [C] the source has seen FIN
     want_out: bool = False         # [C] waiting for the drain to become writable
     last_copy_ns: int = 0          # [C] last time the controller moved a byte
-    clamped: bool = False          # [C] source's receive window clamped (slow path)
-    window: int = 0                # [C] the clamp to restore
     flushed_once: bool = False     # [C] one flushed reading seen while dissolving
     last_written: int = 0          # [C] drain's written count at the last look
     backoff: float = 0.001         # [C] seconds until the next look without events
