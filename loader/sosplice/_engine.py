@@ -322,7 +322,7 @@ class Splicer:
             fresh = self._insert_source(rec)
             if not fresh:
                 rec.q_old = self._measure_queue(rec)
-            self._publish(rec, 0, force=True)
+            self._publish(rec, base, force=True)
         except BaseException:
             self._prog.stats.pop(key(scookie), None)
             self._prog.ctl.pop(key(scookie), None)
@@ -542,6 +542,7 @@ class Splicer:
             # one lets the verdict go back to redirecting.
             self._read_stats(rec)
             if rec.fifo == 0:
+                self._publish(rec, acked)
                 break
             room = rec.max - rec.bytes if rec.max else COPY_CHUNK
             n = min(rec.fifo, COPY_CHUNK, room, budget)
@@ -572,7 +573,7 @@ class Splicer:
             if rec.state is State.ACTIVE:
                 self._later(rec)  # out of budget: let other splices run
         if rec.state is State.ACTIVE:
-            self._publish(rec, written)
+            self._publish(rec, _sock.progress(rec.dst)[1])
 
         if rec.state is not State.ACTIVE:
             pass
@@ -605,7 +606,7 @@ class Splicer:
             rec.want_out = on
             self._ep.modify(rec.dst.fileno(), select.EPOLLOUT if on else 0)
 
-    def _publish(self, rec: SpliceRecord, written: int, force: bool = False) -> None:
+    def _publish(self, rec: SpliceRecord, acked: int, force: bool = False) -> None:
         """Bring the ctl entry in line with the record (one writer: here).
 
         credit: the verdict may redirect until the drain's backlog would
@@ -624,8 +625,7 @@ class Splicer:
             # bytes its verdict passes queue behind it uncharged to its
             # receive buffer, and TCP flow control would not hold back
             # its peer (measured on 6.18; tests/test_basic.py::test_nonblock).
-            acked = _sock.progress(rec.dst)[1] - rec.drain_base
-            credit = max(0, acked - rec.sent) + self.backlog_cap
+            credit = max(0, acked - rec.drain_base - rec.sent + self.backlog_cap)
             if rec.max:
                 credit = min(credit, rec.max - rec.taken)
         copied = (rec.sent - rec.q_old) % U64
