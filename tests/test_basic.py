@@ -18,7 +18,7 @@ import pytest
 import sosplice
 from conftest import (Env, Stream, Pump, assert_nothing_arrives, assert_plain_path,
                       expect_errno, fionread, readable, recv_exactly, recv_until_eof,
-                      select_readable, tcp_pair, unsplice)
+                      select_readable, unsplice)
 
 
 def both_ways(env: Env, lfam: int = socket.AF_INET, rfam: int = socket.AF_INET):

@@ -683,9 +683,12 @@ class Splicer:
         self._prog.stats.pop(key(rec.src_cookie), None)
         if rec.drain_in_map:
             self._prog.sock_delete(self._prog.drains_fd, rec.dst_cookie)
-        if rec.eof and rec.fifo == 0:
+        if rec.eof and rec.fifo == 0 and rec.src_cookie not in self._drains:
             # After FIN nothing more can arrive and nothing is queued:
-            # the one moment a source leaves its map losslessly (invariant 4).
+            # the one moment a source leaves its map losslessly (invariant
+            # 4). Not while it is the drain of the other direction: taking
+            # it out of `sources` then drops its redirect backlog (measured:
+            # tests/test_transfer.py::test_eof_one_way_while_other_way_busy).
             self._prog.sock_delete(self._prog.sources_fd, rec.src_cookie)
             self._sources.discard(rec.src_cookie)
         for s in (rec.src, rec.dst):
