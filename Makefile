@@ -1,7 +1,7 @@
 # The two commands: `make demo` and `make test`. Both start with `make setup`.
 PY := .venv/bin/python
 
-.PHONY: setup test demo soak bench clean
+.PHONY: setup test demo bench clean
 setup:
 	./scripts/setup.sh
 
