@@ -14,7 +14,7 @@ set -eu
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
-PKGS="python3-bpfcc python3-venv python3-pip linux-headers-amd64 iproute2 tmux socat curl"
+PKGS="python3-bpfcc python3-venv python3-pip linux-headers-amd64 iproute2 tmux socat curl haproxy iperf3"
 missing=""
 for p in $PKGS; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -53,7 +53,7 @@ fi
 stamp="$VENV/.installed"
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 	log="$VENV/setup.log"
-	if ! { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q -e '.[test]'; } >"$log" 2>&1; then
+	if ! { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q -e '.[test,bench]'; } >"$log" 2>&1; then
 		cat "$log" >&2
 		echo "setup: pip install failed (log above, also in $log)" >&2
 		exit 1

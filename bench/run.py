@@ -1,0 +1,546 @@
+"""sosplice benchmarks: throughput, latency and CPU against other TCP relays.
+
+    .venv/bin/python bench/run.py            # quick mode (a few minutes)
+    .venv/bin/python bench/run.py --full     # also -P 64, -R, more round trips
+
+Everything runs on loopback, in one run, so the ratios compare peers
+measured on the same machine in the same conditions. The peers, each on its
+own port in front of the same upstream:
+
+    direct            no proxy (the baseline)
+    sosplice          bench/splice_proxy.py (eBPF sockmap, one Splicer)
+    haproxy-splice    HAProxy, mode tcp, option splice-auto
+    haproxy           HAProxy, mode tcp, no splicing
+    socat             socat TCP-LISTEN:p,fork,reuseaddr TCP:127.0.0.1:up
+    asyncio           bench/asyncio_relay.py (plain asyncio streams)
+
+Throughput: iperf3 -c ... -t 5 -J, -P 1 and -P 8 (full: -P 64 and -R too),
+bits_per_second of end.sum_received. CPU: for each throughput run, CPU
+seconds of the peer process tree (utime+stime of the process and its live
+descendants, plus cutime+cstime of reaped children) and system-wide
+system+softirq (and all non-idle) time from /proc/stat, per GB moved.
+Latency: a ping-pong client (64 B and 16 KiB) through each peer to a local
+echo server process; p50/p99/p99.9 of the round trip.
+
+Writes bench/results/latest.json and prints ratio tables. Must run as root
+(the sosplice proxy loads a BPF program). Every process started is killed
+at the end, also on Ctrl-C or SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PY = sys.executable
+TICK = os.sysconf("SC_CLK_TCK")
+
+PEERS = ["direct", "sosplice", "haproxy-splice", "haproxy", "socat", "asyncio"]
+BASE, REF = "direct", "haproxy-splice"
+
+# ---------------------------------------------------------------------------
+# process management
+
+PROCS: list[subprocess.Popen] = []
+TMP = tempfile.mkdtemp(prefix="sosplice-bench-")
+
+
+def spawn(argv: list[str], **kw: Any) -> subprocess.Popen:
+    p = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, **kw)
+    PROCS.append(p)
+    return p
+
+
+def stop(p: subprocess.Popen, timeout: float = 12.0) -> None:
+    """SIGTERM the process group, wait, then SIGKILL it."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:  # socat's forked children, anything left in the group
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(2)
+    except subprocess.TimeoutExpired:
+        pass
+    if p in PROCS:
+        PROCS.remove(p)
+
+
+def stop_all() -> None:
+    for p in list(PROCS):
+        stop(p)
+    shutil.rmtree(TMP, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    hexport = f":{port:04X}"
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if parts[1].endswith(hexport) and parts[3] == "0A":
+                    return True
+    return False
+
+
+def wait_listening(port: int, p: subprocess.Popen | None, what: str, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if listening(port):
+            return
+        if p is not None and p.poll() is not None:
+            raise RuntimeError(f"{what} exited with {p.returncode} before listening on {port}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
+
+
+# ---------------------------------------------------------------------------
+# peers
+
+def start_peer(kind: str, upstream: int) -> tuple[int, subprocess.Popen | None]:
+    """Start one peer in front of 127.0.0.1:upstream; return (port, process)."""
+    if kind == "direct":
+        return upstream, None
+    port = free_port()
+    log = open(os.path.join(TMP, f"{kind}-{port}.log"), "w")
+    if kind == "sosplice":
+        argv = [PY, os.path.join(HERE, "splice_proxy.py"), str(port), str(upstream)]
+    elif kind == "asyncio":
+        argv = [PY, os.path.join(HERE, "asyncio_relay.py"), str(port), str(upstream)]
+    elif kind == "socat":
+        # nodelay on both legs, as the other relays do; without it Nagle and
+        # delayed ACKs add ~40 ms steps to the 16 KiB ping-pong.
+        argv = ["socat", f"TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1,nodelay",
+                f"TCP:127.0.0.1:{upstream},nodelay"]
+    elif kind in ("haproxy", "haproxy-splice"):
+        cfg = os.path.join(TMP, f"{kind}-{port}.cfg")
+        with open(cfg, "w") as f:
+            f.write(haproxy_cfg(port, upstream, splice=kind == "haproxy-splice"))
+        argv = ["haproxy", "-f", cfg, "-db"]
+    else:
+        raise ValueError(kind)
+    p = spawn(argv, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    wait_listening(port, p, kind)
+    return port, p
+
+
+def haproxy_cfg(port: int, upstream: int, *, splice: bool) -> str:
+    return f"""global
+    maxconn 4096
+    log stdout format raw local0 err
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+{"    option splice-auto" if splice else ""}
+
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+
+backend be
+    server up 127.0.0.1:{upstream}
+"""
+
+
+# ---------------------------------------------------------------------------
+# CPU accounting
+
+def proc_ticks(pid: int) -> int:
+    """utime+stime of pid and its live descendants, plus reaped children."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        fields = s[s.rindex(")") + 2:].split()   # fields[0] is state (field 3)
+        stats[int(d)] = fields
+        children.setdefault(int(fields[1]), []).append(int(d))
+    total, todo = 0, [pid]
+    while todo:
+        q = todo.pop()
+        f = stats.get(q)
+        if f is None:
+            continue
+        # utime stime cutime cstime = fields 14..17 -> index 11..14 here
+        total += int(f[11]) + int(f[12])
+        if q == pid:
+            total += int(f[13]) + int(f[14])
+        todo.extend(children.get(q, []))
+    return total
+
+
+def sys_ticks() -> dict[str, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    return {"system": system, "softirq": softirq, "irq": irq,
+            "busy": user + nice + system + irq + softirq + steal}
+
+
+# ---------------------------------------------------------------------------
+# throughput
+
+def iperf(port: int, parallel: int, reverse: bool, seconds: int, server: dict) -> dict:
+    argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(parallel), "-J"]
+    if reverse:
+        argv.append("-R")
+    last = None
+    for attempt in range(3):
+        ensure_iperf_server(server)
+        p = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(timeout=seconds + 60)
+        finally:
+            stop(p)
+        try:
+            j = json.loads(out)
+        except json.JSONDecodeError:
+            last = f"no JSON: {err.strip()[:200]}"
+            time.sleep(1)
+            continue
+        if "error" in j:
+            last = j["error"]
+            time.sleep(1)   # typically "the server is busy": let it reset
+            continue
+        s = j["end"]["sum_received"]
+        return {"bits_per_second": s["bits_per_second"], "bytes": s["bytes"],
+                "seconds": s["seconds"]}
+    raise RuntimeError(f"iperf3 {' '.join(argv)} failed: {last}")
+
+
+def ensure_iperf_server(server: dict) -> None:
+    p = server.get("proc")
+    if p is None or p.poll() is not None:
+        if p is not None:
+            stop(p)
+        server["proc"] = spawn(["iperf3", "-s", "-p", str(server["port"])],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(server["port"], server["proc"], "iperf3 -s")
+
+
+def throughput_run(kind: str, port: int, proc: subprocess.Popen | None, parallel: int,
+                   reverse: bool, seconds: int, server: dict) -> dict:
+    t0, s0 = (proc_ticks(proc.pid) if proc else 0), sys_ticks()
+    w0 = time.monotonic()
+    r = iperf(port, parallel, reverse, seconds, server)
+    time.sleep(0.3)          # let socat reap its per-connection children
+    wall = time.monotonic() - w0
+    t1, s1 = (proc_ticks(proc.pid) if proc else 0), sys_ticks()
+    gb = r["bytes"] / 1e9
+    d = {k: (s1[k] - s0[k]) / TICK for k in s0}
+    proxy_cpu = (t1 - t0) / TICK
+    r.update({
+        "wall_s": wall,
+        "proxy_cpu_s": proxy_cpu,
+        "sys_system_s": d["system"], "sys_softirq_s": d["softirq"], "sys_busy_s": d["busy"],
+        "proxy_cpu_s_per_gb": proxy_cpu / gb if gb else None,
+        "sys_kernel_s_per_gb": (d["system"] + d["softirq"]) / gb if gb else None,
+        "sys_busy_s_per_gb": d["busy"] / gb if gb else None,
+    })
+    return r
+
+
+# ---------------------------------------------------------------------------
+# latency
+
+def pingpong(port: int, size: int, n: int, warmup: int) -> dict:
+    msg = os.urandom(size)
+    buf = bytearray(size)
+    view = memoryview(buf)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    samples = []
+    clock = time.perf_counter_ns
+    try:
+        for i in range(warmup + n):
+            t = clock()
+            s.sendall(msg)
+            got = 0
+            while got < size:
+                k = s.recv_into(view[got:], size - got)
+                if k == 0:
+                    raise RuntimeError("echo connection closed")
+                got += k
+            dt = clock() - t
+            if i >= warmup:
+                samples.append(dt)
+        if bytes(buf) != msg:
+            raise RuntimeError("echo returned different bytes")
+    finally:
+        s.close()
+    samples.sort()
+
+    def pct(p: float) -> float:
+        return samples[min(len(samples) - 1, int(p / 100 * len(samples)))] / 1000.0
+
+    return {"n": n, "p50_us": pct(50), "p99_us": pct(99), "p99.9_us": pct(99.9),
+            "mean_us": sum(samples) / len(samples) / 1000.0}
+
+
+# ---------------------------------------------------------------------------
+# report
+
+def fmt_ratio(v: float | None, ref: float | None) -> str:
+    if v is None or not ref:
+        return "-"
+    return f"{v / ref:.2f}"
+
+
+def tables(res: dict) -> str:
+    out = []
+    tp = res["throughput"]
+    lat = res["latency"]
+    peers = res["peers"]
+
+    def table(title: str, rows: list[tuple[str, dict[str, float | None], str]]) -> None:
+        out.append(f"\n{title}")
+        hdr = f"{'test':<22}" + "".join(f"{p:>15}" for p in peers)
+        out.append(hdr)
+        for name, vals, _fmt in rows:
+            out.append(f"{name:<22}" + "".join(f"{vals.get(p, '-'):>15}" for p in peers))
+
+    # absolute
+    rows = []
+    for test in tp:
+        rows.append((f"{test} Gbit/s", {p: f"{tp[test][p]['bits_per_second'] / 1e9:.2f}"
+                                        for p in peers if p in tp[test]}, ""))
+    for test in tp:
+        rows.append((f"{test} proxyCPU s/GB", {p: f"{tp[test][p]['proxy_cpu_s_per_gb']:.3f}"
+                                               for p in peers if p in tp[test]}, ""))
+    for test in tp:
+        rows.append((f"{test} kern s/GB", {p: f"{tp[test][p]['sys_kernel_s_per_gb']:.3f}"
+                                           for p in peers if p in tp[test]}, ""))
+    for test in lat:
+        for q in ("p50_us", "p99_us", "p99.9_us"):
+            rows.append((f"{test} {q}", {p: f"{lat[test][p][q]:.1f}"
+                                         for p in peers if p in lat[test]}, ""))
+    table("Absolute (Gbit/s; CPU s per GB; round trip in us)", rows)
+
+    for ref in (BASE, REF):
+        rows = []
+        for test in tp:
+            rows.append((f"{test} thrpt", {p: fmt_ratio(tp[test][p]["bits_per_second"],
+                                                        tp[test].get(ref, {}).get("bits_per_second"))
+                                           for p in peers if p in tp[test]}, ""))
+        for test in tp:
+            rows.append((f"{test} kern/GB", {p: fmt_ratio(tp[test][p]["sys_kernel_s_per_gb"],
+                                                          tp[test].get(ref, {}).get("sys_kernel_s_per_gb"))
+                                             for p in peers if p in tp[test]}, ""))
+            rows.append((f"{test} busy/GB", {p: fmt_ratio(tp[test][p]["sys_busy_s_per_gb"],
+                                                          tp[test].get(ref, {}).get("sys_busy_s_per_gb"))
+                                             for p in peers if p in tp[test]}, ""))
+        for test in lat:
+            for q in ("p50_us", "p99_us", "p99.9_us"):
+                rows.append((f"{test} {q}", {p: fmt_ratio(lat[test][p][q], lat[test].get(ref, {}).get(q))
+                                             for p in peers if p in lat[test]}, ""))
+        table(f"Ratios vs {ref} (throughput: higher is better; CPU/GB and latency: lower is better)",
+              rows)
+    return "\n".join(out)
+
+
+def plot(res: dict, path: str) -> None:
+    """Bar charts of throughput and p50/p99 latency, if matplotlib is there."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    peers = res["peers"]
+    tp, lat = res["throughput"], res["latency"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    w = 0.8 / max(1, len(tp))
+    for i, test in enumerate(tp):
+        axes[0].bar([j + i * w for j in range(len(peers))],
+                    [tp[test].get(p, {}).get("bits_per_second", 0) / 1e9 for p in peers], w, label=test)
+    axes[0].set_title("iperf3 throughput (Gbit/s, higher is better)")
+    series = [(t, q) for t in lat for q in ("p50_us", "p99_us")]
+    w2 = 0.8 / max(1, len(series))
+    for i, (test, q) in enumerate(series):
+        axes[1].bar([j + i * w2 for j in range(len(peers))],
+                    [lat[test].get(p, {}).get(q, 0) for p in peers], w2, label=f"{test} {q}")
+    axes[1].set_yscale("log")
+    axes[1].set_title("ping-pong round trip (us, log, lower is better)")
+    for ax in axes:
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(peers))])
+        ax.set_xticklabels(peers, rotation=20)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"sosplice bench ({res['mode']}), {res['machine']['nproc']} CPUs, "
+                 f"Linux {res['machine']['kernel']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {os.path.relpath(path)}")
+
+
+# ---------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--full", action="store_true", help="also -P 64, -R, 10x more round trips")
+    ap.add_argument("--seconds", type=int, default=5, help="iperf3 -t (default 5)")
+    ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/run.py must run as root (the sosplice proxy loads a BPF program)", file=sys.stderr)
+        return 2
+    peers = [p for p in args.peers.split(",") if p]
+    for p in peers:
+        if p not in PEERS:
+            ap.error(f"unknown peer {p!r}")
+    for tool in ("iperf3", "haproxy", "socat"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 2
+
+    tp_tests = [(1, False), (8, False)]
+    if args.full:
+        tp_tests += [(64, False), (1, True), (8, True)]
+    n_rt = 50000 if args.full else 5000
+    lat_tests = [(64, n_rt), (16384, n_rt)]
+
+    def term(*_: object) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started with SIGINT ignored
+
+    uname = os.uname()
+    res: dict[str, Any] = {
+        "mode": "full" if args.full else "quick",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"nproc": os.cpu_count(), "kernel": uname.release, "machine": uname.machine,
+                    "python": platform.python_version(),
+                    "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True)
+                    .stdout.splitlines()[0],
+                    "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True, text=True)
+                    .stdout.splitlines()[0]},
+        "loadavg_start": open("/proc/loadavg").read().split()[:3],
+        "command": " ".join([os.path.relpath(PY, ROOT) if PY.startswith(ROOT) else PY,
+                             "bench/run.py"] + sys.argv[1:]),
+        "iperf_seconds": args.seconds,
+        "peers": peers,
+        "throughput": {},
+        "latency": {},
+        "errors": [],
+    }
+    t_start = time.monotonic()
+    try:
+        server = {"port": free_port()}
+        ensure_iperf_server(server)
+        echo_port = free_port()
+        echo = spawn([PY, os.path.join(HERE, "echo_server.py"), str(echo_port)],
+                     stdout=subprocess.DEVNULL)
+        wait_listening(echo_port, echo, "echo server")
+
+        for kind in peers:
+            # throughput, peer in front of iperf3
+            try:
+                port, proc = start_peer(kind, server["port"])
+            except Exception as e:  # noqa: BLE001
+                res["errors"].append(f"{kind}: start failed: {e}")
+                print(f"!! {kind}: {e}", flush=True)
+                continue
+            try:
+                for par, rev in tp_tests:
+                    test = f"P{par}{'-R' if rev else ''}"
+                    try:
+                        r = throughput_run(kind, port, proc, par, rev, args.seconds, server)
+                    except Exception as e:  # noqa: BLE001
+                        res["errors"].append(f"{kind} {test}: {e}")
+                        print(f"!! {kind} {test}: {e}", flush=True)
+                        continue
+                    res["throughput"].setdefault(test, {})[kind] = r
+                    print(f"{kind:>15} {test:<6} {r['bits_per_second'] / 1e9:7.2f} Gbit/s  "
+                          f"proxy {r['proxy_cpu_s_per_gb']:.3f} s/GB  "
+                          f"kernel {r['sys_kernel_s_per_gb']:.3f} s/GB", flush=True)
+            finally:
+                if proc is not None:
+                    stop(proc)
+
+            # latency, peer in front of the echo server
+            try:
+                port, proc = start_peer(kind, echo_port)
+            except Exception as e:  # noqa: BLE001
+                res["errors"].append(f"{kind}: start failed: {e}")
+                continue
+            try:
+                for size, n in lat_tests:
+                    test = f"rr{size}"
+                    try:
+                        r = pingpong(port, size, n, warmup=max(200, n // 20))
+                    except Exception as e:  # noqa: BLE001
+                        res["errors"].append(f"{kind} {test}: {e}")
+                        print(f"!! {kind} {test}: {e}", flush=True)
+                        continue
+                    res["latency"].setdefault(test, {})[kind] = r
+                    print(f"{kind:>15} {test:<6} p50 {r['p50_us']:7.1f} us  p99 {r['p99_us']:7.1f} us  "
+                          f"p99.9 {r['p99.9_us']:7.1f} us", flush=True)
+            finally:
+                if proc is not None:
+                    stop(proc)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+        res["errors"].append("interrupted")
+        return_code = 130
+    except Exception as e:  # noqa: BLE001
+        print(f"\nfailed: {e!r}: stopping everything", file=sys.stderr)
+        res["errors"].append(f"failed: {e!r}")
+        return_code = 1
+    else:
+        return_code = 0
+    finally:
+        stop_all()
+
+    res["duration_s"] = round(time.monotonic() - t_start, 1)
+    res["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(tables(res))
+    plot(res, os.path.splitext(args.out)[0] + ".png")
+    if res["errors"]:
+        print("\nerrors:\n  " + "\n  ".join(res["errors"]))
+    print(f"\nloadavg start {' '.join(res['loadavg_start'])}, end {' '.join(res['loadavg_end'])} "
+          f"on {res['machine']['nproc']} CPUs (other load skews every number)")
+    print(f"\nwrote {os.path.relpath(args.out)} ({res['duration_s']} s)")
+    return return_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

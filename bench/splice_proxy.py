@@ -1,0 +1,127 @@
+"""A minimal sosplice TCP proxy for the benchmarks.
+
+    python bench/splice_proxy.py LISTEN_PORT UPSTREAM_PORT [UPSTREAM_HOST]
+
+One thread, one `selectors` loop, one `sosplice.Splicer`: accept, connect
+to the upstream, splice both ways, and learn of each direction's end
+through `Splicer.fileno()` / `reap()`. A direction that dissolves with 0
+(EOF) shuts down the write side of its drain; when both directions are done
+both sockets are closed. Any other error closes the connection.
+
+Prints "READY <port>" on stdout once it listens. SIGTERM/SIGINT close the
+engine cleanly (so the BPF program is detached and its snapshot removed).
+"""
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "loader"))
+import sosplice  # noqa: E402
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop(*_: object) -> None:
+    raise Stop
+
+
+def main() -> int:
+    listen_port = int(sys.argv[1])
+    up_port = int(sys.argv[2])
+    up_host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", listen_port))
+    ls.listen(1024)
+    ls.setblocking(False)
+
+    # splice handle -> (conn key, client, upstream, drain of this direction)
+    where: dict[object, tuple[int, socket.socket]] = {}
+    conns: dict[int, dict] = {}
+    sel = selectors.DefaultSelector()
+    try:
+        with sosplice.Splicer() as eng:
+            sel.register(ls, selectors.EVENT_READ, "accept")
+            sel.register(eng.fileno(), selectors.EVENT_READ, "reap")
+            print(f"READY {listen_port}", flush=True)
+
+            def close_conn(key: int) -> None:
+                c = conns.pop(key, None)
+                if c is None:
+                    return
+                for s in (c["client"], c["up"]):
+                    try:
+                        s.close()
+                    except OSError:
+                        pass
+
+            while True:
+                for k, _ in sel.select():
+                    if k.data == "accept":
+                        while True:
+                            try:
+                                cs, _addr = ls.accept()
+                            except BlockingIOError:
+                                break
+                            cs.setblocking(True)
+                            up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                            try:
+                                up.connect((up_host, up_port))
+                            except OSError:
+                                cs.close()
+                                up.close()
+                                continue
+                            for s in (cs, up):
+                                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                            key = cs.fileno()
+                            conns[key] = {"client": cs, "up": up, "done": 0}
+                            try:
+                                a = eng.splice(cs, up)
+                                b = eng.splice(up, cs)
+                            except OSError as e:
+                                print(f"splice failed: {e}", file=sys.stderr, flush=True)
+                                close_conn(key)
+                                continue
+                            where[a] = (key, up)
+                            where[b] = (key, cs)
+                    else:
+                        for sp in eng.reap():
+                            key, drain = where.pop(sp, (None, None))
+                            c = conns.get(key)
+                            if c is None:
+                                continue
+                            if sp.error == 0:
+                                try:
+                                    drain.shutdown(socket.SHUT_WR)
+                                except OSError:
+                                    pass
+                                c["done"] += 1
+                                if c["done"] == 2:
+                                    close_conn(key)
+                            else:
+                                close_conn(key)
+    except Stop:
+        pass
+    finally:
+        for key in list(conns):
+            c = conns.pop(key)
+            for s in (c["client"], c["up"]):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        ls.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
