@@ -12,14 +12,11 @@ hanging the run or leaking into the next test.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import random
 import select
 import socket
-import struct
-import termios
 import threading
 import time
 from typing import Iterator
@@ -27,71 +24,13 @@ from typing import Iterator
 import pytest
 
 import sosplice
+from conftest import assert_nothing_arrives, fionread, readable, recv_exactly, tcp_pair
 
 STEP = 10.0  # deadline of any single blocking step unless a test says otherwise
 
 
 # --------------------------------------------------------------------------
 # Helpers
-
-
-def tcp_pair(timeout: float = STEP) -> tuple[socket.socket, socket.socket]:
-    """A connected (client, server) loopback TCP pair; both have `timeout`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        lst.settimeout(STEP)
-        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            c.settimeout(STEP)
-            c.connect(lst.getsockname())
-            s, _ = lst.accept()
-        except BaseException:
-            c.close()
-            raise
-    c.settimeout(timeout)
-    s.settimeout(timeout)
-    return c, s
-
-
-def fionread(sock: socket.socket) -> int:
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
-
-
-def readable(sock: socket.socket, wait: float = 0.0) -> bool:
-    p = select.poll()
-    p.register(sock, select.POLLIN | select.POLLPRI)
-    return bool(p.poll(int(wait * 1000)))
-
-
-def recv_exactly(sock: socket.socket, n: int, timeout: float = STEP) -> bytes:
-    """Exactly `n` bytes with plain recv(); AssertionError on EOF or timeout."""
-    buf = bytearray()
-    deadline = time.monotonic() + timeout
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out after {timeout} s with {len(buf)} of {n} bytes")
-        sock.settimeout(min(left, STEP))
-        try:
-            data = sock.recv(min(n - len(buf), 1 << 20))
-        except TimeoutError:
-            continue
-        finally:
-            sock.settimeout(STEP)
-        if not data:
-            raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += data
-    return bytes(buf)
-
-
-def assert_nothing_arrives(sock: socket.socket, wait: float = 0.2) -> None:
-    if readable(sock, wait):
-        try:
-            data = sock.recv(64, socket.MSG_DONTWAIT | socket.MSG_PEEK)
-        except OSError as e:
-            raise AssertionError(f"socket became readable with an error: {e!r}") from None
-        raise AssertionError(f"unexpected readable data (or EOF): {data!r}")
 
 
 def sleep_until(t: float) -> None:
