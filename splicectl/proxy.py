@@ -62,6 +62,21 @@ def resolve(host: str, port: int) -> tuple[int, tuple]:
     return fam, sa
 
 
+def _listen(addr: tuple[str, int], backlog: int, what: str) -> socket.socket:
+    """A non-blocking listening socket on `addr`, or one UsageError line."""
+    fam, sa = resolve(*addr)
+    ls = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(sa)
+        ls.listen(backlog)
+    except OSError as e:
+        ls.close()
+        raise UsageError(f"cannot {what} on {fmt_addr(addr)}: {e.strerror}") from None
+    ls.setblocking(False)
+    return ls
+
+
 def fmt_addr(sa: tuple | list | None) -> str:
     if not sa:
         return "-"
@@ -187,30 +202,13 @@ class Proxy:
                 except OSError as e:
                     why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
                     raise UsageError(f"upstream {fmt_addr((h, p))} is unreachable: {why}") from None
-        fam, sa = resolve(*o.listen)
-        ls = socket.socket(fam, socket.SOCK_STREAM)
-        try:
-            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            ls.bind(sa)
-            ls.listen(1024)
-        except OSError as e:
-            ls.close()
-            raise UsageError(f"cannot listen on {fmt_addr(o.listen)}: {e.strerror}") from None
-        ls.setblocking(False)
-        self.listener = ls
+        self.listener = _listen(o.listen, 1024, "listen")
         if o.metrics:
-            mfam, msa = resolve(*o.metrics)
-            ms = socket.socket(mfam, socket.SOCK_STREAM)
             try:
-                ms.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                ms.bind(msa)
-                ms.listen(64)
-            except OSError as e:
-                ms.close()
+                self.metrics_sock = _listen(o.metrics, 64, "listen for metrics")
+            except UsageError:
                 self._close_listener()
-                raise UsageError(f"cannot listen for metrics on {fmt_addr(o.metrics)}: {e.strerror}") from None
-            ms.setblocking(False)
-            self.metrics_sock = ms
+                raise
         try:
             if self.engine_factory is not None:
                 self.engine = self.engine_factory()
@@ -228,7 +226,7 @@ class Proxy:
         if self.metrics_sock:
             self.sel.register(self.metrics_sock, selectors.EVENT_READ, ("metrics", None))
         self._set_accepting(True)
-        self.address = ls.getsockname()
+        self.address = self.listener.getsockname()
         return self.address
 
     def metrics_address(self) -> tuple | None:
