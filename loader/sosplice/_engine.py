@@ -375,6 +375,12 @@ class Splicer:
         try:
             self._prog.sock_insert(self._prog.sources_fd, c, rec.src.fileno())
         except OSError as e:
+            if e.errno == errno.EOPNOTSUPP and _sock.tcp_state(rec.src) == _sock.TCP_CLOSE_WAIT:
+                # The peer's FIN arrived after _prefetch looked: no more
+                # data can come, so copy the rest like any CLOSE_WAIT source.
+                rec.q_old += _sock.inq(rec.src)
+                rec.eof = True
+                return True
             if e.errno == errno.EBUSY:
                 raise _err(errno.EBUSY, "source is already in another sockmap with a verdict "
                            "program (another sosplice engine?); use one engine") from None
