@@ -34,6 +34,11 @@ LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: long-running test (1 GiB transfers); deselect with -m 'not slow'")
+    config.addinivalue_line(
+        "markers", "bpf_only: tests a fact of the BPF backend itself (maps, verdict, kernel "
+        "quirks); not run against the worker backend")
+    config.addinivalue_line(
+        "markers", "soak: the long soak (make soak); deselected by default")
 
 
 # --------------------------------------------------------------------------
