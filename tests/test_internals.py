@@ -14,16 +14,21 @@ import pytest
 from sosplice import _bpf, _maps, _splice
 
 
-def test_every_record_field_names_its_owner():
-    """Each SpliceRecord field carries an owner tag from the module legend."""
+@pytest.mark.parametrize("record", ["_splice.SpliceRecord", "_sockmap.SockmapRecord",
+                                    "_worker.PipeRecord"])
+def test_every_record_field_names_its_owner(record):
+    """Each record field carries an owner tag from the legend in _splice."""
+    import importlib
+
     legend = set(re.findall(r"^  \[(\w)\]", _splice.__doc__, re.M))
-    assert legend == {"I", "C", "K"}
-    src = inspect.getsource(_splice.SpliceRecord)
-    fields = [f.name for f in dataclasses.fields(_splice.SpliceRecord)]
-    for name in fields:
-        m = re.search(rf"^    {name}: [^\n]*#\s*\[(\w)\]", src, re.M)
-        assert m, f"SpliceRecord.{name} has no owner tag"
-        assert m.group(1) in legend, f"SpliceRecord.{name}: unknown tag [{m.group(1)}]"
+    assert legend == {"I", "C", "K", "W"}
+    mod, cls = record.split(".")
+    cls = getattr(importlib.import_module(f"sosplice.{mod}"), cls)
+    src = "".join(inspect.getsource(c) for c in cls.__mro__ if dataclasses.is_dataclass(c))
+    for f in dataclasses.fields(cls):
+        m = re.search(rf"^    {f.name}: [^\n]*#\s*\[(\w)\]", src, re.M)
+        assert m, f"{record}.{f.name} has no owner tag"
+        assert m.group(1) in legend, f"{record}.{f.name}: unknown tag [{m.group(1)}]"
 
 
 def _c_sizeof(struct: str) -> int:

@@ -36,7 +36,11 @@ _default_lock = threading.Lock()
 
 
 def default_engine() -> Splicer:
-    """The process-wide `Splicer` used by the module-level functions."""
+    """The process-wide `Splicer` used by the module-level functions.
+
+    Its backend comes from $SOSPLICE_BACKEND ("bpf", "worker" or "auto",
+    the default): see `Splicer`.
+    """
     global _default
     with _default_lock:
         if _default is None or _default._closed:

@@ -74,6 +74,21 @@ def check_privilege() -> None:
         )
 
 
+def usable() -> bool:
+    """Whether the bpf backend can load here: kernel, privilege, bcc.
+
+    What backend "auto" asks. A compile failure still raises later, from
+    `Programs`: a broken install should be fixed, not hidden.
+    """
+    try:
+        check_kernel()
+        check_privilege()
+    except OSError:
+        return False
+    import importlib.util
+    return importlib.util.find_spec("bcc") is not None
+
+
 class Programs:
     """The compiled verdict program and its maps, attached and ready."""
 

@@ -1,11 +1,13 @@
 """One record per splice, and the handle the application holds.
 
-Owner legend for every field of `SpliceRecord` (a test checks that each
+Owner legend for every field of `SpliceRecord` and the backends' records
+(`_sockmap.SockmapRecord`, `_worker.PipeRecord`; a test checks that each
 field carries one of these tags):
   [I]  immutable: set by `Splicer.splice()` before the splice is published
   [C]  controller: written only under the engine lock by the transition
-       functions in _engine.py (start, move, dissolve, finish)
+       functions (start, move, dissolve, finish)
   [K]  kernel: copied from the BPF `stats` map, which only the verdict writes
+  [W]  worker: written only by the worker thread that owns the splice
 """
 from __future__ import annotations
 
@@ -21,17 +23,20 @@ if TYPE_CHECKING:
 
 
 class State(enum.Enum):
-    # Bytes flow; the verdict redirects, or passes while the controller catches up.
+    # Bytes flow (bpf: the verdict redirects, or passes while the
+    # controller catches up; worker: splice(2) through the pipe).
     ACTIVE = "active"
-    # The verdict no longer redirects; waiting until the drain has taken
+    # Nothing new is taken from the source; waiting until the drain has taken
     # every byte counted in `bytes`. Nothing new is counted.
     DISSOLVING = "dissolving"
     # Flushed, reported, the engine holds no reference to either socket.
     DONE = "done"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class SpliceRecord:
+    """What every backend keeps per splice; each backend adds its fields."""
+
     handle: Splice                 # [I] what the application holds
     src: socket.socket             # [I] our dup of the source: it keeps
     dst: socket.socket             # [I] ... both sockets open until flushed
@@ -42,43 +47,25 @@ class SpliceRecord:
     max: int                       # [I] 0 = no limit
     idle_ns: int                   # [I] 0 = no idle timeout
     started_ns: int                # [I] time.monotonic_ns() at start
-    drain_base: int                # [I] drain's written count at start
-    q_old: int                     # [I] source bytes queued before start
-    drain_in_map: bool             # [I] False: drain cannot be a redirect target
     addrs: tuple[tuple[Any, Any], tuple[Any, Any]]  # [I] (local, peer) of source, drain
     state: State = State.ACTIVE    # [C]
     error: int | None = None       # [C] reason, set once by dissolve()
-    taken: int = 0                 # [C] bytes the controller took from the source
-    sent: int = 0                  # [C] ... and of those, sent on the drain
-    pending: bytes = b""           # [C] taken, not yet sent (taken - sent)
-    published: tuple[int, int, int] = (0, 0, 0)  # [C] (credit, copied, notify_at) in ctl
-    eof: bool = False              # [C] the source has seen FIN
-    want_out: bool = False         # [C] waiting for the drain to become writable
-    last_copy_ns: int = 0          # [C] last time the controller moved a byte
-    flushed_once: bool = False     # [C] one flushed reading seen while dissolving
-    last_written: int = 0          # [C] drain's written count at the last look
-    backoff: float = 0.001         # [C] seconds until the next look without events
-    moved: int = 0                 # [K] bytes the verdict redirected
-    passed: int = 0                # [K] bytes the verdict left on the source
-    last_ns: int = 0               # [K] time of the last redirect
     done_ns: int = 0               # [C] when it became DONE
 
     @property
     def bytes(self) -> int:
-        """Bytes taken from the source so far: redirected or copied."""
-        return self.moved + self.taken
+        """Bytes taken from the source so far."""
+        raise NotImplementedError
 
     @property
-    def fifo(self) -> int:
-        """Bytes of the spliced stream waiting in the source's queue."""
-        return self.q_old + self.passed - self.taken
+    def throttled(self) -> bool:
+        """Bytes are waiting for the drain (the slow path, or a full pipe)."""
+        raise NotImplementedError
 
-    def check_invariants(self) -> None:
-        assert self.sent <= self.taken, (self.sent, self.taken)
-        assert len(self.pending) == self.taken - self.sent
-        assert self.fifo >= 0, ("source queue underflow", self.q_old, self.passed, self.taken)
-        if self.max:
-            assert self.bytes <= self.max, ("moved beyond max", self.bytes, self.max)
+    @property
+    def last_active_ns(self) -> int:
+        """When a byte last moved (or the start)."""
+        raise NotImplementedError
 
 
 @final
@@ -164,7 +151,8 @@ class SpliceInfo:
     idle: float | None
     state: str                     # "active", "dissolving" or "done"
     error: int | None
-    throttled: bool                # bytes are taking the controller's copy path
+    throttled: bool                # bytes wait for the drain (bpf: the controller's copy path)
     age: float                     # seconds since the splice started
     idle_for: float                # seconds since the last byte moved
     pid: int = field(default=0)
+    backend: str = field(default="")   # "bpf" or "worker"

@@ -1,0 +1,592 @@
+"""The bpf backend: BPF programs, one record per splice, one controller thread.
+
+Transitions, each one function, all under `Splicer._lock`:
+  splice()     start: validate, insert into the maps, publish ctl
+  _move()      the controller's step for one splice: refresh credit, copy
+               passed bytes in order, decide whether to end (OpenBSD somove)
+  _dissolve()  stop counting: delete the ctl entry so the verdict passes
+  _finish()    once flushed: drop the drain from its map, close our dups,
+               record the end, wake the waiters (the only place that does)
+
+Ordering invariants (see docs/design.md for the argument):
+  1. The verdict redirects only while passed == copied: no skb overtakes a
+     byte waiting in the source's queue.
+  2. The controller sends a copied byte only when the drain has taken every
+     redirected byte (written == moved + sent), and publishes `copied` only
+     once that byte was sent: no copied byte overtakes a redirected one, and
+     no redirected one overtakes a copied one.
+  3. The drain is in `drains` for as long as ctl may name it: inserted
+     before ctl is published, deleted only after ctl is gone and the drain's
+     backlog is empty (a drain leaving the map loses its backlog).
+  4. A source never leaves `sources` while bytes may sit in its queue
+     (they would be lost, KERNEL-NOTES 7, 13); close removes it.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import heapq
+import os
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from . import _sock
+from ._bpf import Programs
+from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err
+from ._maps import U64, SpliceCtl, SpliceEvent, SpliceStats, key
+from ._splice import Splice, SpliceRecord, State
+
+# Largest copy the controller makes per step for one splice, so one busy
+# splice cannot starve the others.
+COPY_CHUNK = 256 << 10
+COPY_BUDGET = 4 << 20
+# How often to re-read the drain while waiting for its backlog to empty.
+FLUSH_POLL = 0.001
+FLUSH_POLL_MAX = 0.05
+
+SO_SNDBUFFORCE = 32
+_HOLD = 1 << 63  # a `copied` value `passed` never reaches: pass everything
+
+
+@dataclass(eq=False, kw_only=True)
+class SockmapRecord(SpliceRecord):
+    """A splice of the bpf backend (owner tags: see _splice)."""
+
+    drain_base: int                # [I] drain's written count at start
+    q_old: int                     # [I] source bytes queued before start
+    drain_in_map: bool             # [I] False: drain cannot be a redirect target
+    taken: int = 0                 # [C] bytes the controller took from the source
+    sent: int = 0                  # [C] ... and of those, sent on the drain
+    pending: bytes = b""           # [C] taken, not yet sent (taken - sent)
+    published: tuple[int, int, int] = (0, 0, 0)  # [C] (credit, copied, notify_at) in ctl
+    eof: bool = False              # [C] the source has seen FIN
+    want_out: bool = False         # [C] waiting for the drain to become writable
+    last_copy_ns: int = 0          # [C] last time the controller moved a byte
+    flushed_once: bool = False     # [C] one flushed reading seen while dissolving
+    last_written: int = 0          # [C] drain's written count at the last look
+    backoff: float = 0.001         # [C] seconds until the next look without events
+    moved: int = 0                 # [K] bytes the verdict redirected
+    passed: int = 0                # [K] bytes the verdict left on the source
+    last_ns: int = 0               # [K] time of the last redirect
+
+    @property
+    def bytes(self) -> int:
+        return self.moved + self.taken
+
+    @property
+    def fifo(self) -> int:
+        """Bytes of the spliced stream waiting in the source's queue."""
+        return self.q_old + self.passed - self.taken
+
+    @property
+    def throttled(self) -> bool:
+        return self.fifo > 0
+
+    @property
+    def last_active_ns(self) -> int:
+        return max(self.last_ns, self.last_copy_ns, self.started_ns)
+
+    def check_invariants(self) -> None:
+        assert self.sent <= self.taken, (self.sent, self.taken)
+        assert len(self.pending) == self.taken - self.sent
+        assert self.fifo >= 0, ("source queue underflow", self.q_old, self.passed, self.taken)
+        if self.max:
+            assert self.bytes <= self.max, ("moved beyond max", self.bytes, self.max)
+
+
+class SockmapSplicer(Splicer):
+    """The bpf backend: see `Splicer` for the arguments.
+
+    Raises:
+        PermissionError (EPERM): no CAP_BPF/CAP_NET_ADMIN.
+        OSError (ENOSYS): the kernel is older than 6.16.
+    """
+
+    backend = "bpf"
+
+    def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
+                 max_sockets: int = 65536) -> None:
+        super().__init__(backlog_cap=backlog_cap)
+        self._prog = Programs(max_sockets)
+        self._byfd: dict[int, SockmapRecord] = {}       # our dup's fd -> record
+        self._sources: set[int] = set()                 # cookies we put in `sources`
+        self._timers: list[tuple[int, int, SockmapRecord]] = []  # (when, id, record)
+        self._ep = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake, select.EPOLLIN)
+        self._prog.bpf[b"events"].open_ring_buffer(self._on_event)
+        self._ep.register(self._prog.events_fd, select.EPOLLIN)
+        self._rb_hit: list[int] = []
+        self._thread = threading.Thread(target=self._run, name="sosplice-controller", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Unsplice everything (losslessly) and unload the programs. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            for rec in list(self._live.values()):
+                if rec.state is State.ACTIVE:
+                    self._dissolve(rec, 0)
+                    self._at(rec, 0)
+            os.eventfd_write(self._wake, 1)
+        deadline = time.monotonic() + 10
+        for rec in list(self._live.values()):
+            rec.handle._done.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._closed = True
+            for rec in list(self._live.values()):  # a drain that never flushed
+                self._finish(rec)
+        os.eventfd_write(self._wake, 1)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        self._ep.close()
+        self._remove_snapshot()
+        os.close(self._wake)
+        os.close(self._ready)
+        self._prog.close()
+
+    # -- start --------------------------------------------------------------
+
+    def _start(self, src: socket.socket, dst: socket.socket, user_fds: tuple[int, int],
+               inodes: tuple[int, int], max: int, idle: float | None) -> SockmapRecord:
+        scookie, dcookie = _sock.cookie(src), _sock.cookie(dst)
+        state, acked, queued = _sock.progress(dst)
+        base = acked + queued
+        if state not in _sock.CAN_SEND:
+            raise _err(errno.EPIPE, "drain can no longer send")
+        handle = Splice(self)
+        now = time.monotonic_ns()
+        # A drain whose peer already half-closed (CLOSE_WAIT) cannot enter a
+        # sockmap (KERNEL-NOTES 9); it can still send, so the controller
+        # copies every byte of such a splice itself (credit stays 0).
+        drain_in_map = True
+        if dst.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 4 * self.backlog_cap:
+            # Room for the whole cap in the drain's own send queue, with
+            # the kernel's per-skb overhead (see _publish). Also what lifts
+            # bulk speed (KERNEL-NOTES 14).
+            dst.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * self.backlog_cap)
+        try:
+            self._prog.sock_insert(self._prog.drains_fd, dcookie, dst.fileno())
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EEXIST):
+                raise _err(e.errno, f"cannot add the drain to the sockmap: {e.strerror}") from None
+            drain_in_map = e.errno == errno.EEXIST
+        rec = SockmapRecord(
+            handle=handle, src=src, dst=dst, src_cookie=scookie, dst_cookie=dcookie,
+            user_fds=user_fds, inodes=inodes, max=max,
+            idle_ns=int((idle or 0) * 1e9), started_ns=now, drain_base=base,
+            q_old=0, drain_in_map=drain_in_map, last_copy_ns=now,
+            addrs=((src.getsockname(), src.getpeername()), (dst.getsockname(), dst.getpeername())),
+        )
+        handle._rec = rec
+        try:
+            self._prog.stats[key(scookie)] = SpliceStats()
+            fresh = self._insert_source(rec)
+            if not fresh:
+                rec.q_old = self._measure_queue(rec)
+            self._publish(rec, base, force=True)
+        except BaseException:
+            self._prog.stats.pop(key(scookie), None)
+            self._prog.ctl.pop(key(scookie), None)
+            if drain_in_map:
+                self._prog.sock_delete(self._prog.drains_fd, dcookie)
+            raise
+        return rec
+
+    def _started(self, rec: SockmapRecord) -> None:
+        self._byfd[rec.src.fileno()] = rec
+        self._byfd[rec.dst.fileno()] = rec
+        # Edge-triggered: passed bytes keep the source readable while the
+        # controller waits for the drain, and a level-triggered source
+        # would spin. Every new skb or FIN is a new edge.
+        self._ep.register(rec.src.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        self._ep.register(rec.dst.fileno(), 0)  # EPOLLERR and EPOLLHUP always report
+        if rec.idle_ns:
+            self._at(rec, rec.started_ns + rec.idle_ns)
+        self._later(rec)
+        os.eventfd_write(self._wake, 1)
+
+    def _insert_source(self, rec: SockmapRecord) -> bool:
+        """Put the source in `sources`; False if it already was (resplice)."""
+        c = rec.src_cookie
+        state = _sock.tcp_state(rec.src)
+        if state not in _sock.CAN_SEND:
+            raise _err(errno.ENOTCONN, "source has shut down its side of the connection; "
+                       "splice before calling shutdown() on it")
+        if state != _sock.TCP_ESTABLISHED:
+            # CLOSE_WAIT: the peer sent FIN; the socket cannot join a map
+            # (KERNEL-NOTES 9). What is left in it, the controller copies.
+            rec.q_old = _sock.inq(rec.src)
+            rec.eof = True
+            self._prog.ctl[key(c)] = SpliceCtl(rec.dst_cookie, 0, _HOLD, 0)
+            return True
+        # Resplice: the socket may hold bytes passed while it was not
+        # spliced. Hold the verdict (pass everything) until they are counted.
+        self._prog.ctl[key(c)] = SpliceCtl(rec.dst_cookie, 0, _HOLD, 0)
+        if c in self._sources:
+            return False
+        # Take what is already queued ourselves. The kernel hands an skb
+        # the application has partly read to the verdict whole, so the
+        # bytes already read would be moved again (measured on 6.18:
+        # tests/test_limits.py::test_bytes_read_by_app_before_splice_are_not_moved).
+        # Whatever arrives after this is fresh skbs.
+        if self._prefetch(rec):
+            return True  # EOF or the limit reached by queued bytes alone
+        try:
+            self._prog.sock_insert(self._prog.sources_fd, c, rec.src.fileno())
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP and _sock.tcp_state(rec.src) == _sock.TCP_CLOSE_WAIT:
+                # The peer's FIN arrived after _prefetch looked: no more
+                # data can come, so copy the rest like any CLOSE_WAIT source.
+                rec.q_old += _sock.inq(rec.src)
+                rec.eof = True
+                return True
+            if e.errno == errno.EBUSY:
+                raise _err(errno.EBUSY, "source is already in another sockmap with a verdict "
+                           "program (another sosplice engine?); use one engine") from None
+            raise _err(e.errno, f"cannot add the source to the sockmap: {e.strerror}") from None
+        # Never discarded: cookies are not reused, and a closed socket
+        # leaves the map by itself (pruned in _expire_recent).
+        self._sources.add(c)
+        # A fresh source has nothing passed yet; bytes in its TCP queue
+        # reach the verdict only on the next data_ready, which SO_RCVLOWAT
+        # triggers now (KERNEL-NOTES 8).
+        self._prog.ctl[key(c)] = SpliceCtl(rec.dst_cookie, 0, _HOLD if rec.q_old else 0, 0)
+        rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        return True
+
+    def _prefetch(self, rec: SockmapRecord) -> bool:
+        """Take the bytes queued on a fresh source into `pending`.
+
+        They count as queued before the start (q_old) and taken, so the
+        verdict passes until they have been sent (invariant 1). True if
+        the source must stay out of the map: EOF, or `max` already reached.
+        """
+        chunks = []
+        want = rec.max or (1 << 62)
+        while want > 0:
+            try:
+                data = rec.src.recv(min(want, COPY_CHUNK), socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                rec.eof = True
+                break
+            chunks.append(data)
+            want -= len(data)
+        rec.pending = b"".join(chunks)
+        rec.taken = rec.q_old = len(rec.pending)
+        return rec.eof or bool(rec.max) and rec.taken >= rec.max
+
+    def _measure_queue(self, rec: SockmapRecord) -> int:
+        """Bytes in the source's queue that the verdict did not count.
+
+        FIONREAD and the verdict exclude each other (socket lock), so a
+        reading bracketed by two equal `passed` values is exact.
+        """
+        rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        for _ in range(1000):
+            p0 = self._stats(rec.src_cookie).passed
+            n = _sock.inq(rec.src)
+            if self._stats(rec.src_cookie).passed == p0:
+                return n - p0
+        raise _err(errno.EAGAIN, "source queue did not settle; try again")
+
+    # -- the controller -----------------------------------------------------
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic() + CLOSE_SWEEP
+        while True:
+            timeout = self._timeout(next_sweep)
+            try:
+                events = self._ep.poll(timeout)
+            except (OSError, ValueError):
+                return
+            with self._lock:
+                if self._closed:
+                    return
+                work: set[SockmapRecord] = set()
+                for fd, ev in events:
+                    if fd == self._wake:
+                        os.eventfd_read(self._wake)
+                    elif fd == self._prog.events_fd:
+                        self._prog.bpf.ring_buffer_consume()
+                    else:
+                        rec = self._byfd.get(fd)
+                        if rec is None:
+                            continue
+                        if fd == rec.src.fileno() and ev & (select.EPOLLRDHUP | select.EPOLLHUP):
+                            rec.eof = True
+                        work.add(rec)
+                for c in self._rb_hit:
+                    if c in self._live:
+                        work.add(self._live[c])
+                self._rb_hit.clear()
+                now = time.monotonic_ns()
+                while self._timers and self._timers[0][0] <= now:
+                    work.add(heapq.heappop(self._timers)[2])
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + CLOSE_SWEEP
+                    self._sweep_closed()
+                    self._expire_recent()
+                    self._publish_snapshot()
+                for rec in work:
+                    if rec.state is not State.DONE:
+                        self._move(rec)
+
+    def _timeout(self, next_sweep: float) -> float:
+        t = next_sweep - time.monotonic()
+        if self._timers:
+            t = min(t, (self._timers[0][0] - time.monotonic_ns()) / 1e9)
+        return max(0.0, t)
+
+    def _at(self, rec: SockmapRecord, when_ns: int) -> None:
+        heapq.heappush(self._timers, (when_ns, id(rec), rec))
+
+    def _later(self, rec: SockmapRecord) -> None:
+        """Look at `rec` again soon: sooner while the drain makes progress.
+
+        Waiting for a drain's backlog to empty has no event to wait on; the
+        poll backs off from 1 ms to 50 ms while the drain takes nothing.
+        """
+        self._at(rec, time.monotonic_ns() + int(rec.backoff * 1e9))
+
+    def _on_event(self, ctx: object, data: object, size: int) -> None:
+        ev = ct.cast(data, ct.POINTER(SpliceEvent)).contents
+        self._rb_hit.append(ev.source)
+
+    def _stats(self, cookie: int) -> SpliceStats:
+        return self._prog.stats[key(cookie)]
+
+    def _read_stats(self, rec: SockmapRecord) -> None:
+        try:
+            s = self._stats(rec.src_cookie)
+        except KeyError:
+            return
+        rec.moved, rec.passed, rec.last_ns = s.moved, s.passed, s.last_ns
+
+    def _move(self, rec: SockmapRecord) -> None:
+        """One controller step for one splice (OpenBSD's somove).
+
+        Returns with the splice either progressing, or dissolving, or done;
+        when it must look again without an event it arms a timer (_later).
+        """
+        self._read_stats(rec)
+        state, acked, queued = _sock.progress(rec.dst)
+        written = acked + queued - rec.drain_base
+        if written != rec.last_written:
+            rec.last_written, rec.backoff = written, FLUSH_POLL
+        else:
+            rec.backoff = min(rec.backoff * 2, FLUSH_POLL_MAX)
+        if state not in _sock.CAN_SEND:
+            # The drain can no longer send: whatever is queued for it is
+            # lost with it; what was taken from the source stays counted.
+            if rec.state is State.ACTIVE:
+                self._dissolve(rec, errno.EPIPE)
+                self._read_stats(rec)
+            rec.pending = b""
+            rec.sent = rec.taken
+            self._finish(rec)
+            return
+        if rec.state is State.DISSOLVING:
+            self._send_pending(rec)
+            if not rec.pending and written >= rec.moved + rec.sent:
+                # Confirm on a second reading: a verdict that looked up ctl
+                # just before _dissolve deleted it may still be counting.
+                if rec.flushed_once:
+                    self._finish(rec)
+                    return
+                rec.flushed_once = True
+            else:
+                rec.flushed_once = False
+            self._later(rec)
+            return
+
+        # The slow path: copy passed bytes, in order, once the drain has
+        # taken everything redirected before them (invariant 2).
+        budget = COPY_BUDGET
+        while budget > 0 and rec.state is State.ACTIVE:
+            if rec.pending and not self._send_pending(rec):
+                break
+            _, acked, queued = _sock.progress(rec.dst)
+            written = acked + queued - rec.drain_base
+            # Read `passed` afresh and publish at once when the queue is
+            # empty: a sustained stream passes a new skb every few tens of
+            # microseconds, and only a publish that lands before the next
+            # one lets the verdict go back to redirecting.
+            self._read_stats(rec)
+            if rec.fifo == 0:
+                self._publish(rec, acked)
+                break
+            room = rec.max - rec.bytes if rec.max else COPY_CHUNK
+            n = min(rec.fifo, COPY_CHUNK, room, budget)
+            if n <= 0:
+                break
+            if written < rec.moved + rec.sent:
+                self._later(rec)  # the drain's backlog is not empty yet
+                break
+            if rec.drain_in_map and rec.moved + rec.sent - (acked - rec.drain_base) >= self.backlog_cap:
+                # The cap binds this path too: bytes the drain's peer has
+                # not acknowledged stay within it whichever path sent them.
+                self._later(rec)
+                break
+            try:
+                data = rec.src.recv(n, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break  # counted by the verdict, not yet queued: EPOLLIN follows
+            except OSError as e:
+                self._dissolve(rec, e.errno or errno.EIO)
+                break
+            if not data:
+                break
+            rec.taken += len(data)
+            rec.pending = data
+            rec.last_copy_ns = time.monotonic_ns()
+            budget -= len(data)
+        else:
+            if rec.state is State.ACTIVE:
+                self._later(rec)  # out of budget: let other splices run
+        if rec.state is State.ACTIVE:
+            # The last reading of the drain: an older `acked` can only
+            # make the credit smaller, never let it pass the cap.
+            self._publish(rec, acked)
+
+        if rec.state is not State.ACTIVE:
+            pass
+        elif rec.max and rec.bytes >= rec.max and not rec.pending:
+            self._dissolve(rec, errno.EFBIG)
+        elif rec.eof and rec.fifo == 0 and not rec.pending:
+            self._dissolve(rec, 0)
+        elif rec.idle_ns and self._idle_expired(rec):
+            self._dissolve(rec, errno.ETIMEDOUT)
+        if rec.state is State.DISSOLVING:
+            self._move(rec)
+
+    def _send_pending(self, rec: SockmapRecord) -> bool:
+        """Send what the controller holds; True once nothing is left."""
+        while rec.pending:
+            try:
+                n = rec.dst.send(rec.pending, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                self._want_out(rec, True)
+                return False
+            except OSError:
+                return False  # the drain died; _move notices from its state
+            rec.sent += n
+            rec.pending = rec.pending[n:]
+        self._want_out(rec, False)
+        return True
+
+    def _want_out(self, rec: SockmapRecord, on: bool) -> None:
+        if rec.want_out != on:
+            rec.want_out = on
+            self._ep.modify(rec.dst.fileno(), select.EPOLLOUT if on else 0)
+
+    def _publish(self, rec: SockmapRecord, acked: int, force: bool = False) -> None:
+        """Bring the ctl entry in line with the record (one writer: here).
+
+        credit: the verdict may redirect until the drain's backlog would
+        exceed the cap, and never past the byte limit; copied: the verdict
+        resumes only once every passed byte was sent (invariant 1, 2).
+        """
+        if not rec.drain_in_map:
+            credit = 0
+        else:
+            # Count against the cap every redirected byte the drain's peer
+            # has not acknowledged, wherever it sits: the drain's psock
+            # backlog or its send queue, which _start sized to hold the
+            # whole cap. So the backlog empties as fast as the worker runs,
+            # and that matters when the drain is also the source of the
+            # other direction: while a socket's psock backlog is not empty,
+            # bytes its verdict passes queue behind it uncharged to its
+            # receive buffer, and TCP flow control would not hold back
+            # its peer (measured on 6.18; tests/test_basic.py::test_nonblock).
+            credit = max(0, acked - rec.drain_base - rec.sent + self.backlog_cap)
+            if rec.max:
+                credit = min(credit, rec.max - rec.taken)
+        copied = (rec.sent - rec.q_old) % U64
+        notify = max(rec.moved + 1, credit - self.backlog_cap // 2)
+        want = (credit, copied, notify)
+        if want != rec.published or force:
+            self._prog.ctl[key(rec.src_cookie)] = SpliceCtl(rec.dst_cookie, *want)
+            rec.published = want
+
+    def _idle_expired(self, rec: SockmapRecord) -> bool:
+        deadline = rec.last_active_ns + rec.idle_ns
+        if time.monotonic_ns() >= deadline:
+            return True
+        self._at(rec, deadline)
+        return False
+
+    def _sweep_closed(self) -> None:
+        """End splices whose source or drain the application has closed."""
+        for rec in list(self._live.values()):
+            if rec.state is State.ACTIVE and (why := self._closed_by_app(rec)) is not None:
+                self._dissolve(rec, why)
+                self._move(rec)
+
+    # -- the end ------------------------------------------------------------
+
+    def _dissolve(self, rec: SockmapRecord, error: int) -> None:
+        """Stop redirecting and counting; the flush follows in _move."""
+        assert rec.state is State.ACTIVE
+        rec.check_invariants()
+        rec.state = State.DISSOLVING
+        rec.error = error
+        self._prog.ctl.pop(key(rec.src_cookie), None)
+
+    def _finish(self, rec: SockmapRecord) -> None:
+        """Flushed (or the drain is dead): release everything, report once."""
+        if rec.state is State.DONE:
+            return
+        if rec.state is State.ACTIVE:
+            self._dissolve(rec, 0)
+        self._read_stats(rec)
+        rec.check_invariants()
+        assert self._live.get(rec.src_cookie) is rec and self._drains.get(rec.dst_cookie) is rec
+        self._prog.ctl.pop(key(rec.src_cookie), None)
+        self._prog.stats.pop(key(rec.src_cookie), None)
+        if rec.drain_in_map:
+            self._prog.sock_delete(self._prog.drains_fd, rec.dst_cookie)
+        if rec.eof and rec.fifo == 0 and rec.src_cookie not in self._drains:
+            # After FIN nothing more can arrive and nothing is queued:
+            # the one moment a source leaves its map losslessly (invariant
+            # 4). Not while it is the drain of the other direction: taking
+            # it out of `sources` then drops its redirect backlog (measured:
+            # tests/test_transfer.py::test_eof_one_way_while_other_way_busy).
+            self._prog.sock_delete(self._prog.sources_fd, rec.src_cookie)
+            self._sources.discard(rec.src_cookie)
+        for s in (rec.src, rec.dst):
+            self._byfd.pop(s.fileno(), None)
+            try:
+                self._ep.unregister(s.fileno())
+            except OSError:
+                pass
+            s.close()
+        self._report(rec)
+
+    def _expire_more(self, cutoff: int) -> None:
+        # Forget the last count of sockets that are gone: a source leaves
+        # `sources` only when closed (or after EOF, when it was deleted).
+        alive = self._prog.sock_keys(self._prog.sources_fd)
+        self._sources &= alive
+        for c in [c for c, r in self._last.items() if c not in alive and r.done_ns < cutoff]:
+            del self._last[c]
+            self._unreported.pop(c, None)
+
+    # -- what the base class asks of a backend ------------------------------
+
+    def _unsplice(self, rec: SockmapRecord) -> int:
+        with self._lock:
+            if rec.state is State.ACTIVE:
+                self._dissolve(rec, 0)
+                self._at(rec, 0)
+                os.eventfd_write(self._wake, 1)
+        rec.handle._done.wait()
+        return rec.bytes
+
+    _refresh = _read_stats
