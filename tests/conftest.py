@@ -31,6 +31,35 @@ STEP_TIMEOUT = 10.0
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 
+# Every contract test runs once per backend (the `backend` fixture below).
+BACKENDS = ("bpf", "worker")
+# Modules about one backend's machinery or about the tool: run once, on
+# the backend $SOSPLICE_BACKEND (or "auto") picks.
+SINGLE_BACKEND_MODULES = {"test_internals", "test_splicectl"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend", choices=(*BACKENDS, "all"), default="all",
+        help="run the contract tests against this backend only (default: all)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    if metafunc.module.__name__ in SINGLE_BACKEND_MODULES:
+        return
+    chosen = metafunc.config.getoption("--backend")
+    backends = BACKENDS if chosen == "all" else (chosen,)
+    if metafunc.definition.get_closest_marker("bpf_only"):
+        backends = tuple(b for b in backends if b == "bpf")
+    if not backends:
+        metafunc.parametrize("backend", [pytest.param(
+            "bpf", marks=pytest.mark.skip(reason="bpf_only; --backend excludes bpf"))], indirect=True)
+        return
+    metafunc.parametrize("backend", backends, indirect=True)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: long-running test (1 GiB transfers); deselect with -m 'not slow'")
@@ -527,23 +556,51 @@ def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _default_engine_warm() -> Iterator[None]:
-    """Start the default engine before any fd baseline is taken.
+_default_engines: dict[str, object] = {}
 
-    The module-level functions share one engine per process that lives for
-    the whole session; its own fds (BPF maps, epoll, eventfds) are not a
-    leak of whichever test happened to use it first.
+
+def _default_engine_for(name: str):
+    """One module-level default engine per backend, for the whole session.
+
+    The module-level functions share one engine per process; the tests
+    swap it per backend. Each lives for the session, so its own fds (BPF
+    maps, epolls, eventfds) are taken before any test's fd baseline.
     """
-    try:
-        import sosplice
+    import sosplice
 
-        a, b = tcp_pair()
-        with a, b:
-            sosplice.getsplice(a)
-    except Exception:
-        pass  # the tests themselves will report a broken import
+    if name not in _default_engines:
+        _default_engines[name] = sosplice.Splicer(backend=name)
+    return _default_engines[name]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _default_engines_warm(request: pytest.FixtureRequest) -> Iterator[None]:
+    chosen = request.config.getoption("--backend")
+    for name in BACKENDS if chosen == "all" else (chosen,):
+        try:
+            _default_engine_for(name)
+        except Exception:
+            pass  # the tests themselves will report a broken import or load
     yield
+    for eng in _default_engines.values():
+        eng.close()
+
+
+@pytest.fixture(autouse=True)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The backend this test runs on: "bpf" or "worker".
+
+    Parametrised by pytest_generate_tests. The module-level functions and
+    every `Splicer()` made without a backend use it for the test.
+    """
+    import sosplice
+    from sosplice._engine import resolve_backend
+
+    # Not parametrised: whatever $SOSPLICE_BACKEND (or "auto") says.
+    name = getattr(request, "param", None) or resolve_backend(None)
+    monkeypatch.setenv("SOSPLICE_BACKEND", name)
+    monkeypatch.setattr(sosplice, "_default", _default_engine_for(name))
+    return name
 
 
 @pytest.fixture(autouse=True)
@@ -625,10 +682,10 @@ def env() -> Iterator[Env]:
 
 
 @pytest.fixture
-def splicer(env: Env):
-    """A fresh `sosplice.Splicer()`, closed after the test's sockets."""
+def splicer(env: Env, backend: str):
+    """A fresh `sosplice.Splicer()` on the test's backend, closed after its sockets."""
     import sosplice
 
-    eng = sosplice.Splicer()
+    eng = sosplice.Splicer(backend=backend)
     env.closers.append(eng.close)
     yield eng

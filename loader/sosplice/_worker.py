@@ -1,0 +1,386 @@
+"""The worker backend: splice(2) through a pipe, one worker thread per CPU.
+
+Each splice owns a pipe. Its worker moves bytes source -> pipe -> drain
+with splice(2), so the data never enters the process: the pipe holds
+references to the source's pages, and the drain's send queue takes them
+over. No BPF, no privilege, any kernel with splice(2).
+
+Ownership: a record belongs to one worker for its whole life. Only that
+worker's thread moves bytes and writes the record's [W] fields; any other
+thread that wants a transition (unsplice, close) posts it to the worker's
+inbox and waits. The engine lock is taken for the shared tables and the
+[C] fields only, never around a splice(2) call, so workers run in parallel
+(os.splice releases the GIL).
+
+Invariants (kept in `_step`, `_dissolve` and `_finish`):
+  1. The pipe holds exactly the bytes taken - sent, in order; a byte
+     enters it only from the source and leaves it only to the drain.
+  2. Nothing is taken from the source unless the splice is ACTIVE, and
+     never more than max - taken: the limit is exact, and what is not
+     taken stays readable on the source.
+  3. A splice becomes DONE only with an empty pipe (every taken byte is in
+     the drain's socket) or a dead drain (the bytes die with it, counted).
+  4. Memory: per splice at most the pipe's size sits outside the two
+     sockets' buffers, and the source is not read while the pipe is full,
+     so a slow drain slows the source's peer through TCP flow control.
+  5. Both sockets are O_NONBLOCK while spliced: splice(2) takes blocking
+     from the socket's file, not from its flags, and a worker must never
+     block. The application's setting comes back when the last splice
+     using the socket ends.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import heapq
+import os
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import _sock
+from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err
+from ._splice import Splice, SpliceRecord, State
+
+SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
+SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+# Most bytes one step moves for one splice before the worker looks at the
+# others: one busy splice must not starve the rest of its worker.
+STEP_BUDGET = 4 << 20
+# The largest pipe: big pipes mean fewer system calls per byte; above the
+# unprivileged pipe-max-size (1 MiB by default) F_SETPIPE_SZ needs
+# CAP_SYS_RESOURCE, and the default size stays if it is refused.
+PIPE_MAX = 1 << 20
+
+
+@dataclass(eq=False, kw_only=True)
+class PipeRecord(SpliceRecord):
+    """A splice of the worker backend (owner tags: see _splice)."""
+
+    worker: _Worker                # [I] the thread that owns this splice
+    pipe_r: int                    # [I] the splice's pipe: read end ...
+    pipe_w: int                    # [I] ... and write end
+    pipe_size: int                 # [I] its capacity in bytes
+    taken: int = 0                 # [W] bytes spliced from the source into the pipe
+    sent: int = 0                  # [W] ... and from the pipe into the drain
+    eof: bool = False              # [W] the source returned end of stream
+    want_out: bool = False         # [W] waiting for the drain to become writable
+    last_ns: int = 0               # [W] last time a byte was taken
+    idle_at: int = 0               # [W] when the armed idle timer fires (0: none)
+
+    @property
+    def bytes(self) -> int:
+        return self.taken
+
+    @property
+    def throttled(self) -> bool:
+        return self.taken > self.sent
+
+    @property
+    def last_active_ns(self) -> int:
+        return max(self.last_ns, self.started_ns)
+
+
+class WorkerSplicer(Splicer):
+    """The worker backend: see `Splicer` for the arguments.
+
+    `max_sockets` is accepted and ignored: there are no maps to size.
+    """
+
+    backend = "worker"
+
+    def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
+                 max_sockets: int = 65536) -> None:
+        super().__init__(backlog_cap=backlog_cap)
+        self._pipe_size = min(backlog_cap, PIPE_MAX)
+        # inode -> [splices using the socket, was it blocking before]
+        self._nonblock: dict[int, list] = {}
+        n = len(os.sched_getaffinity(0)) or 1
+        self._workers = [_Worker(self, i) for i in range(n)]
+        self._next = 0
+
+    def close(self) -> None:
+        """Unsplice everything (losslessly) and stop the workers. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            live = list(self._live.values())
+        for rec in live:
+            rec.worker.post(lambda rec=rec: rec.worker.dissolve(rec, 0))
+        deadline = time.monotonic() + 10
+        for rec in live:
+            rec.handle._done.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._closed = True
+            live = list(self._live.values())
+        for rec in live:  # a drain that never took its bytes
+            rec.worker.post(lambda rec=rec: rec.worker.finish(rec))
+        for w in self._workers:
+            w.stop()
+        self._remove_snapshot()
+        os.close(self._ready)
+
+    # -- what the base class asks of a backend ------------------------------
+
+    def _start(self, src: socket.socket, dst: socket.socket, user_fds: tuple[int, int],
+               inodes: tuple[int, int], max: int, idle: float | None) -> PipeRecord:
+        if _sock.tcp_state(dst) not in _sock.CAN_SEND:
+            raise _err(errno.EPIPE, "drain can no longer send")
+        if _sock.tcp_state(src) not in _sock.CAN_SEND:
+            raise _err(errno.ENOTCONN, "source has shut down its side of the connection; "
+                       "splice before calling shutdown() on it")
+        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(pipe_w, F_SETPIPE_SZ, self._pipe_size)
+        except OSError:
+            pass  # EPERM past pipe-max-size or the per-user pipe budget: keep the default
+        size = fcntl.fcntl(pipe_w, F_GETPIPE_SZ)
+        worker = self._workers[self._next % len(self._workers)]
+        self._next += 1
+        now = time.monotonic_ns()
+        rec = PipeRecord(
+            handle=Splice(self), src=src, dst=dst, src_cookie=_sock.cookie(src),
+            dst_cookie=_sock.cookie(dst), user_fds=user_fds, inodes=inodes, max=max,
+            idle_ns=int((idle or 0) * 1e9), started_ns=now,
+            addrs=((src.getsockname(), src.getpeername()), (dst.getsockname(), dst.getpeername())),
+            worker=worker, pipe_r=pipe_r, pipe_w=pipe_w, pipe_size=size,
+        )
+        rec.handle._rec = rec
+        for s, ino in ((src, inodes[0]), (dst, inodes[1])):
+            self._hold_nonblock(s, ino)
+        return rec
+
+    def _started(self, rec: PipeRecord) -> None:
+        rec.worker.post(lambda: rec.worker.adopt(rec))
+
+    def _unsplice(self, rec: PipeRecord) -> int:
+        rec.worker.post(lambda: rec.worker.dissolve(rec, 0))
+        rec.handle._done.wait()
+        return rec.bytes
+
+    # -- O_NONBLOCK while spliced (invariant 5) -----------------------------
+
+    def _hold_nonblock(self, s: socket.socket, ino: int) -> None:
+        entry = self._nonblock.get(ino)
+        if entry is None:
+            flags = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
+            entry = self._nonblock[ino] = [0, not flags & os.O_NONBLOCK]
+            fcntl.fcntl(s.fileno(), fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        entry[0] += 1
+
+    def _release_nonblock(self, s: socket.socket, ino: int) -> None:
+        entry = self._nonblock[ino]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._nonblock[ino]
+            if entry[1]:
+                flags = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
+                fcntl.fcntl(s.fileno(), fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+
+
+class _Worker:
+    """One thread, one epoll, the splices it owns, and an inbox."""
+
+    def __init__(self, engine: WorkerSplicer, n: int) -> None:
+        self.engine = engine
+        self.n = n
+        self.ep = select.epoll()
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.ep.register(self.wake, select.EPOLLIN)
+        self.inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self.byfd: dict[int, PipeRecord] = {}
+        self.recs: set[PipeRecord] = set()
+        self.timers: list[tuple[int, int, PipeRecord]] = []  # (when, id, record)
+        self.again: list[PipeRecord] = []   # out of budget: step again soon
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name=f"sosplice-worker-{n}", daemon=True)
+        self.thread.start()
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on this worker's thread, after what was posted before."""
+        self.inbox.append(fn)
+        os.eventfd_write(self.wake, 1)
+
+    def stop(self) -> None:
+        def halt() -> None:
+            self.stopping = True
+        self.post(halt)
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+            self.ep.close()
+            os.close(self.wake)
+
+    # -- the loop -----------------------------------------------------------
+
+    def run(self) -> None:
+        next_sweep = time.monotonic() + CLOSE_SWEEP
+        while not self.stopping:
+            timeout = 0.0 if self.again else max(0.0, next_sweep - time.monotonic())
+            if self.timers:
+                timeout = min(timeout, max(0.0, (self.timers[0][0] - time.monotonic_ns()) / 1e9))
+            events = self.ep.poll(timeout)
+            work, self.again = set(self.again), []
+            for fd, ev in events:
+                if fd == self.wake:
+                    os.eventfd_read(self.wake)
+                    while self.inbox:
+                        self.inbox.popleft()()
+                elif (rec := self.byfd.get(fd)) is not None:
+                    if fd == rec.dst.fileno() and ev & (select.EPOLLERR | select.EPOLLHUP):
+                        self.check_drain(rec)
+                    work.add(rec)
+            now = time.monotonic_ns()
+            while self.timers and self.timers[0][0] <= now:
+                rec = heapq.heappop(self.timers)[2]
+                rec.idle_at = 0
+                work.add(rec)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + CLOSE_SWEEP
+                self.sweep()
+            for rec in work:
+                if rec in self.recs:
+                    self.step(rec)
+
+    def sweep(self) -> None:
+        """End splices whose fds the application closed; publish a snapshot."""
+        for rec in list(self.recs):
+            if rec.state is State.ACTIVE and (why := self.engine._closed_by_app(rec)) is not None:
+                self.dissolve(rec, why)
+        if self.n == 0:
+            with self.engine._lock:
+                self.engine._expire_recent()
+                self.engine._publish_snapshot()
+
+    # -- transitions (on this worker's thread only) -------------------------
+
+    def adopt(self, rec: PipeRecord) -> None:
+        """start: watch the sockets and move what is already queued."""
+        self.recs.add(rec)
+        self.byfd[rec.src.fileno()] = rec
+        self.byfd[rec.dst.fileno()] = rec
+        # Edge-triggered: the loop in _step reads until EAGAIN or a full
+        # pipe; a full pipe is resumed by the drain's EPOLLOUT.
+        self.ep.register(rec.src.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        self.ep.register(rec.dst.fileno(), select.EPOLLET)  # EPOLLERR/HUP always report
+        if rec.idle_ns:
+            self.arm_idle(rec, rec.started_ns + rec.idle_ns)
+        self.step(rec)
+
+    def step(self, rec: PipeRecord) -> None:
+        """move: pipe -> drain, then source -> pipe, until neither moves."""
+        budget = STEP_BUDGET
+        while budget > 0:
+            moved = 0
+            if rec.taken > rec.sent:
+                try:
+                    n = os.splice(rec.pipe_r, rec.dst.fileno(), rec.taken - rec.sent, flags=FLAGS)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError:
+                    self.drain_died(rec)
+                    return
+                rec.sent += n
+                moved += n
+            if rec.state is State.ACTIVE and not rec.eof:
+                room = rec.pipe_size - (rec.taken - rec.sent)
+                if rec.max:
+                    room = min(room, rec.max - rec.taken)
+                if room > 0:
+                    try:
+                        n = os.splice(rec.src.fileno(), rec.pipe_w, room, flags=FLAGS)
+                    except (BlockingIOError, InterruptedError):
+                        n = -1  # nothing queued (or no pipe slot free): wait
+                    except OSError as e:
+                        self.dissolve(rec, e.errno or errno.EIO)
+                        return
+                    if n == 0:
+                        rec.eof = True
+                    elif n > 0:
+                        rec.taken += n
+                        rec.last_ns = time.monotonic_ns()
+                        moved += n
+            if not moved:
+                break
+            budget -= moved
+        else:
+            self.again.append(rec)
+        self.want_out(rec, rec.taken > rec.sent)
+        if rec.state is State.ACTIVE:
+            if rec.max and rec.taken >= rec.max:
+                self.dissolve(rec, errno.EFBIG)
+            elif rec.eof:
+                self.dissolve(rec, 0)
+            elif rec.idle_ns and rec.idle_at == 0:
+                if time.monotonic_ns() >= rec.last_active_ns + rec.idle_ns:
+                    self.dissolve(rec, errno.ETIMEDOUT)
+                else:
+                    self.arm_idle(rec, rec.last_active_ns + rec.idle_ns)
+        elif rec.state is State.DISSOLVING and rec.taken == rec.sent:
+            self.finish(rec)
+
+    def dissolve(self, rec: PipeRecord, error: int) -> None:
+        """Take nothing more from the source; the flush follows in step."""
+        if rec not in self.recs:
+            return  # posted before adopt ran, or after finish: nothing to do
+        with self.engine._lock:
+            if rec.state is not State.ACTIVE:
+                return
+            rec.state = State.DISSOLVING
+            rec.error = error
+        self.step(rec)
+
+    def drain_died(self, rec: PipeRecord) -> None:
+        """The drain cannot send: what the pipe holds dies with it (counted)."""
+        if rec.state is State.ACTIVE:
+            with self.engine._lock:
+                rec.state = State.DISSOLVING
+                rec.error = errno.EPIPE
+        rec.sent = rec.taken
+        self.finish(rec)
+
+    def check_drain(self, rec: PipeRecord) -> None:
+        if _sock.tcp_state(rec.dst) not in _sock.CAN_SEND:
+            self.drain_died(rec)
+
+    def finish(self, rec: PipeRecord) -> None:
+        """Flushed (or the drain is dead): release everything, report once."""
+        if rec not in self.recs:
+            return
+        if rec.state is State.ACTIVE:  # Splicer.close() gave up on the drain
+            with self.engine._lock:
+                rec.state, rec.error = State.DISSOLVING, 0
+        self.recs.discard(rec)
+        self.again = [r for r in self.again if r is not rec]
+        for s in (rec.src, rec.dst):
+            self.byfd.pop(s.fileno(), None)
+            try:
+                self.ep.unregister(s.fileno())
+            except OSError:
+                pass
+        os.close(rec.pipe_r)
+        os.close(rec.pipe_w)
+        eng = self.engine
+        with eng._lock:
+            for s, ino in ((rec.src, rec.inodes[0]), (rec.dst, rec.inodes[1])):
+                eng._release_nonblock(s, ino)
+                s.close()
+            eng._report(rec)
+
+    # -- small things -------------------------------------------------------
+
+    def want_out(self, rec: PipeRecord, on: bool) -> None:
+        if rec.want_out != on and rec in self.recs:
+            rec.want_out = on
+            ev = select.EPOLLOUT | select.EPOLLET if on else select.EPOLLET
+            self.ep.modify(rec.dst.fileno(), ev)
+
+    def arm_idle(self, rec: PipeRecord, when_ns: int) -> None:
+        rec.idle_at = when_ns
+        heapq.heappush(self.timers, (when_ns, id(rec), rec))
