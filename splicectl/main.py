@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGINT/SIGTERM let connections finish for S seconds (default 5)")
     px.add_argument("--no-check", action="store_true",
                     help="do not check that every upstream is reachable at start")
+    px.add_argument("--backend", choices=["bpf", "worker", "auto"], default=None,
+                    help="bpf (eBPF sockmap, needs root), worker (splice(2) threads, any user) "
+                         "or auto (bpf where allowed); default $SOSPLICE_BACKEND or auto")
     px.add_argument("--log-level", default="warning",
                     choices=["debug", "info", "warning", "error"], help="default: warning")
 
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                 format="%(asctime)s splicectl %(levelname)s %(message)s")
             try:
                 return proxy.run_cli(args)
-            except proxy.UsageError as e:
+            except (proxy.UsageError, ValueError) as e:
                 sys.stderr.write(f"splicectl proxy: {e}\n")
                 return 2
         if args.cmd == "demo":
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except PermissionError as e:
-        sys.stderr.write(f"splicectl {args.cmd}: {e.strerror or e} (run as root or grant CAP_BPF+CAP_NET_ADMIN)\n")
+        sys.stderr.write(f"splicectl {args.cmd}: {e.strerror or e} (run as root, grant "
+                         "CAP_BPF+CAP_NET_ADMIN, or use --backend worker)\n")
         return 1
     except BrokenPipeError:
         return 0

@@ -152,6 +152,7 @@ class Options:
     metrics: tuple[str, int] | None = None
     grace: float = 5.0
     check_upstreams: bool = True
+    backend: str | None = None     # None: $SOSPLICE_BACKEND, else "auto"
 
 
 class Proxy:
@@ -215,7 +216,7 @@ class Proxy:
             else:
                 import sosplice
                 kw = {} if o.backlog_cap is None else {"backlog_cap": o.backlog_cap}
-                self.engine = sosplice.Splicer(**kw)
+                self.engine = sosplice.Splicer(backend=o.backend, **kw)
         except BaseException:
             self._close_listener()
             if self.metrics_sock:
@@ -540,7 +541,7 @@ def run_cli(args) -> int:
         connect_timeout=args.connect_timeout, idle=args.idle, max_conns=args.max_conns,
         backlog_cap=args.backlog_cap,
         metrics=parse_addr(args.metrics, listen=True) if args.metrics else None,
-        grace=args.grace, check_upstreams=not args.no_check,
+        grace=args.grace, check_upstreams=not args.no_check, backend=args.backend,
     )
     proxy = Proxy(opts)
     try:
@@ -553,5 +554,6 @@ def run_cli(args) -> int:
     if proxy.metrics_address():
         msg += f", metrics on http://{fmt_addr(proxy.metrics_address())}/metrics"
     msg += " -> " + ", ".join(fmt_addr(u) for u in opts.upstreams)
+    msg += f", backend {proxy.engine.backend}"
     print(msg, flush=True)
     return proxy.run()

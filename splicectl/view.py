@@ -45,6 +45,7 @@ class Row:
     idle_for: float
     rate: float            # bytes/s: between two readings, else the average
     rate_measured: bool    # True: from two readings
+    backend: str = ""      # the engine's backend: "bpf" or "worker"
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +128,7 @@ def rows_from_doc(doc: dict, now: float, prev: dict, ftime: float) -> list[tuple
             state=str(s.get("state", "?")), error=err, reason=reason_name(err),
             throttled=bool(s.get("throttled", False)), age=age,
             idle_for=float(s.get("idle_for", 0.0)), rate=rate, rate_measured=measured,
+            backend=str(doc.get("backend", "")),
         )
         out.append((row, (k, ftime, b)))
     return out
@@ -254,7 +256,8 @@ def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str |
         rate = human_bytes(r.rate) + ("" if r.rate_measured else "~")
         cells: list[Any] = [str(r.pid)]
         if wide:
-            cells += [r.proc, f"{r.source_local}<-{r.source_peer}", f"{r.drain_local}->{r.drain_peer}"]
+            cells += [f"{r.proc} ({r.backend})", f"{r.source_local}<-{r.source_peer}",
+                      f"{r.drain_local}->{r.drain_peer}"]
         else:
             cells += [r.source_peer, r.drain_peer]
         cells += [human_bytes(r.bytes), rate, human_secs(r.idle_for), limit_text(r), state_text(r)]

@@ -77,6 +77,7 @@ class Proxy:
         if not line.startswith("listening on "):
             self.p.kill()
             raise AssertionError(f"proxy did not start: {line!r} {self.p.stderr.read()}")
+        self.banner = line.strip()
         host_port = line.split()[2].rstrip(",")
         host, _, port = host_port.rpartition(":")
         self.addr = (host, int(port))
@@ -134,8 +135,10 @@ def one_client(addr, rng: random.Random) -> str | None:
     return None
 
 
-def test_many_clients_half_close_hash_checked(upstream, proxies):
-    px = proxies(upstream.addr)
+@pytest.mark.parametrize("engine", ["bpf", "worker"])
+def test_many_clients_half_close_hash_checked(upstream, proxies, engine):
+    px = proxies(upstream.addr, "--backend", engine)
+    assert px.banner.endswith(f", backend {engine}")
     errors: list = []
     def worker(seed):
         try:

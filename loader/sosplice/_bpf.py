@@ -70,7 +70,9 @@ def check_privilege() -> None:
             errno.EPERM,
             "sosplice: loading sockmap programs needs CAP_BPF (or CAP_SYS_ADMIN) "
             "and CAP_NET_ADMIN; run as root or grant them, e.g. "
-            "`setcap cap_bpf,cap_net_admin+ep` on the interpreter",
+            "`setcap cap_bpf,cap_net_admin+ep` on the interpreter; or use the "
+            "worker backend, which needs neither (backend=\"worker\" or "
+            "SOSPLICE_BACKEND=worker)",
         )
 
 
