@@ -9,6 +9,7 @@ own port in front of the same upstream:
 
     direct            no proxy (the baseline)
     sosplice          bench/splice_proxy.py (eBPF sockmap, one Splicer)
+    sosplice-worker   the same proxy on the worker backend (splice(2) threads)
     haproxy-splice    HAProxy, mode tcp, option splice-auto
     haproxy           HAProxy, mode tcp, no splicing
     socat             socat TCP-LISTEN:p,fork,reuseaddr TCP:127.0.0.1:up
@@ -46,7 +47,7 @@ ROOT = os.path.dirname(HERE)
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
 
-PEERS = ["direct", "sosplice", "haproxy-splice", "haproxy", "socat", "asyncio"]
+PEERS = ["direct", "sosplice", "sosplice-worker", "haproxy-splice", "haproxy", "socat", "asyncio"]
 BASE, REF = "direct", "haproxy-splice"
 
 # ---------------------------------------------------------------------------
@@ -128,8 +129,10 @@ def start_peer(kind: str, upstream: int) -> tuple[int, subprocess.Popen | None]:
         return upstream, None
     port = free_port()
     log = open(os.path.join(TMP, f"{kind}-{port}.log"), "w")
-    if kind == "sosplice":
+    env = None
+    if kind in ("sosplice", "sosplice-worker"):
         argv = [PY, os.path.join(HERE, "splice_proxy.py"), str(port), str(upstream)]
+        env = dict(os.environ, SOSPLICE_BACKEND="worker" if kind == "sosplice-worker" else "bpf")
     elif kind == "asyncio":
         argv = [PY, os.path.join(HERE, "asyncio_relay.py"), str(port), str(upstream)]
     elif kind == "socat":
@@ -144,7 +147,7 @@ def start_peer(kind: str, upstream: int) -> tuple[int, subprocess.Popen | None]:
         argv = ["haproxy", "-f", cfg, "-db"]
     else:
         raise ValueError(kind)
-    p = spawn(argv, stdout=log, stderr=subprocess.STDOUT)
+    p = spawn(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     wait_listening(port, p, kind)
     return port, p
