@@ -1,12 +1,15 @@
 # The two commands: `make demo` and `make test`. Both start with `make setup`.
 PY := .venv/bin/python
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test soak demo bench clean
 setup:
 	./scripts/setup.sh
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not soak"
+
+soak: setup
+	$(PY) -m pytest -q -s -m soak
 
 demo: setup
 	$(PY) -m splicectl demo
