@@ -5,6 +5,7 @@ import ctypes as ct
 import dataclasses
 import errno
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_without_privilege_eperm_names_the_capability():
         "import os, sosplice\n"
         "os.setgid(65534); os.setuid(65534)\n"
         "try:\n"
-        "    sosplice.Splicer()\n"
+        "    sosplice.Splicer(backend='bpf')\n"
         "except PermissionError as e:\n"
         "    print(e.errno, e)\n"
     )
@@ -87,3 +88,28 @@ def test_without_privilege_eperm_names_the_capability():
     assert int(num) == errno.EPERM
     assert "CAP_BPF" in msg and "CAP_NET_ADMIN" in msg
 
+
+
+def test_auto_without_privilege_is_the_worker_backend():
+    """Unprivileged, `auto` gives the worker backend, and it splices."""
+    code = (
+        "import hashlib, os, socket, sosplice\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "ls = socket.create_server(('127.0.0.1', 0))\n"
+        "a = socket.create_connection(ls.getsockname()); b, _ = ls.accept()\n"
+        "c = socket.create_connection(ls.getsockname()); d, _ = ls.accept()\n"
+        "with sosplice.Splicer() as eng:\n"
+        "    sp = eng.splice(b, c)\n"
+        "    data = os.urandom(3 << 20)\n"
+        "    a.sendall(data); a.shutdown(socket.SHUT_WR)\n"
+        "    buf = bytearray()\n"
+        "    while len(buf) < len(data):\n"
+        "        buf += d.recv(1 << 16)\n"
+        "    print(eng.backend, sp.wait(10), sp.bytes, hashlib.sha256(buf).digest() =="
+        " hashlib.sha256(data).digest())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SOSPLICE_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["worker", "0", str(3 << 20), "True"]
