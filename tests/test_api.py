@@ -330,3 +330,42 @@ def test_concurrent_api_use(env):
         t.join(60)
     assert not any(t.is_alive() for t in threads), "worker threads hung"
     assert not errors, errors
+
+
+def test_blocking_mode_is_the_applications_after_the_splice(env):
+    """Sockets come back from a splice in the blocking mode they had.
+
+    (The worker backend makes them non-blocking while spliced.)
+    """
+    a, b = env.pair(timeout=None)
+    c, d = env.pair(timeout=None)
+    b.setblocking(True)
+    c.setblocking(False)
+    sp = sosplice.splice(b, c)
+    a.sendall(b"x" * 1000)
+    d.settimeout(10)
+    assert recv_exactly(d, 1000) == b"x" * 1000
+    assert unsplice(sp) == 1000
+    assert b.getblocking() is True and (os.get_blocking(b.fileno()) is True)
+    assert os.get_blocking(c.fileno()) is False
+
+
+def test_app_making_a_spliced_socket_blocking_stalls_nothing(env):
+    """A spliced socket switched to blocking mode by the application (a
+    contract breach) must not stall its own splice or any other one."""
+    a, b = env.pair()
+    c, d = env.pair()
+    sp = sosplice.splice(b, c)
+    others = [env.pair() + env.pair() for _ in range(4)]
+    sps = [sosplice.splice(o[1], o[2]) for o in others]
+    b.setblocking(True)
+    c.setblocking(True)
+    for _ in range(3):
+        a.sendall(b"y" * 5000)
+        assert recv_exactly(d, 5000) == b"y" * 5000
+        for o in others:
+            o[0].sendall(b"z" * 3000)
+        for o in others:
+            assert recv_exactly(o[3], 3000) == b"z" * 3000
+    assert unsplice(sp) == 15000
+    assert [unsplice(s) for s in sps] == [9000] * 4

@@ -34,6 +34,7 @@ import collections
 import errno
 import fcntl
 import heapq
+import logging
 import os
 import select
 import socket
@@ -58,6 +59,8 @@ STEP_BUDGET = 4 << 20
 # unprivileged pipe-max-size (1 MiB by default) F_SETPIPE_SZ needs
 # CAP_SYS_RESOURCE, and the default size stays if it is refused.
 PIPE_MAX = 1 << 20
+
+log = logging.getLogger("sosplice")
 
 
 @dataclass(eq=False, kw_only=True)
@@ -231,7 +234,7 @@ class _Worker:
                 if fd == self.wake:
                     os.eventfd_read(self.wake)
                     while self.inbox:
-                        self.inbox.popleft()()
+                        self.guard(self.inbox.popleft())
                 elif (rec := self.byfd.get(fd)) is not None:
                     if fd == rec.dst.fileno() and ev & (select.EPOLLERR | select.EPOLLHUP):
                         self.check_drain(rec)
@@ -246,7 +249,26 @@ class _Worker:
                 self.sweep()
             for rec in work:
                 if rec in self.recs:
-                    self.step(rec)
+                    self.guard(lambda: self.step(rec), rec)
+
+    def guard(self, fn: Callable[[], None], rec: PipeRecord | None = None) -> None:
+        """Run one transition; a bug in it must not kill the worker.
+
+        Every splice of this worker depends on the thread staying alive,
+        so an unexpected error ends only the splice it concerns (EIO).
+        """
+        try:
+            fn()
+        except Exception:
+            log.exception("sosplice worker %d: unexpected error", self.n)
+            if rec is not None and rec in self.recs:
+                with self.engine._lock:
+                    if rec.state is State.ACTIVE:
+                        rec.state, rec.error = State.DISSOLVING, errno.EIO
+                try:
+                    self.finish(rec)
+                except Exception:
+                    log.exception("sosplice worker %d: cannot release a splice", self.n)
 
     def sweep(self) -> None:
         """End splices whose fds the application closed; publish a snapshot."""
@@ -275,6 +297,13 @@ class _Worker:
 
     def step(self, rec: PipeRecord) -> None:
         """move: pipe -> drain, then source -> pipe, until neither moves."""
+        for fd in (rec.src.fileno(), rec.dst.fileno()):
+            # The application may have made a spliced socket blocking
+            # (settimeout(None) on it, say); splice(2) on it would then
+            # block this worker and every splice it owns (invariant 5).
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if not flags & os.O_NONBLOCK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         budget = STEP_BUDGET
         while budget > 0:
             moved = 0
