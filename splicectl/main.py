@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--sort", choices=["bytes", "rate", "age"], default="bytes")
         v.add_argument("--wide", action="store_true", help="all columns, wider than 80")
         v.add_argument("--all", action="store_true", help="every dissolved splice, not only the 10 first")
+        v.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
+                       help="only the splices of this process (repeatable)")
     return p
 
 

@@ -154,7 +154,9 @@ def snapshot_from_docs(docs: Iterable[dict], prev: Snapshot | None = None) -> Sn
     return Snapshot(time=now, rows=tuple(rows), engines=n, stamps=tuple(stamps))
 
 
-def read_docs(run_dir: str = RUN_DIR) -> list[dict]:
+def read_docs(run_dir: str = RUN_DIR, pids: Iterable[int] = ()) -> list[dict]:
+    """The live engines' snapshots; only those of `pids` if any are given."""
+    pids = set(pids)
     docs = []
     for path in sorted(glob.glob(os.path.join(run_dir, "*.json"))):
         try:
@@ -163,14 +165,15 @@ def read_docs(run_dir: str = RUN_DIR) -> list[dict]:
         except (OSError, ValueError):
             continue  # being replaced, or removed: the next reading has it
         pid = doc.get("pid")
-        if not isinstance(pid, int) or not _alive(pid):
+        if not isinstance(pid, int) or not _alive(pid) or pids and pid not in pids:
             continue
         docs.append(doc)
     return docs
 
 
-def read_snapshot(prev: Snapshot | None = None, run_dir: str = RUN_DIR) -> Snapshot:
-    return snapshot_from_docs(read_docs(run_dir), prev)
+def read_snapshot(prev: Snapshot | None = None, run_dir: str = RUN_DIR,
+                  pids: Iterable[int] = ()) -> Snapshot:
+    return snapshot_from_docs(read_docs(run_dir, pids), prev)
 
 
 # -- formatting ----------------------------------------------------------------
@@ -280,7 +283,7 @@ def _console(wide: bool) -> Console:
 # -- commands ------------------------------------------------------------------
 
 def ls(args) -> int:
-    snap = read_snapshot()
+    snap = read_snapshot(pids=args.pid)
     if getattr(args, "json", False):
         rows = sorted(snap.rows, key=SORT_KEYS[args.sort])
         json.dump([r.as_json() for r in rows], sys.stdout, indent=1)
@@ -329,7 +332,7 @@ def top(args) -> int:
     console = _console(args.wide)
     sort = args.sort
     keys = _Keys()
-    snap = read_snapshot()
+    snap = read_snapshot(pids=args.pid)
     n = 0
     try:
         with Live(console=console, auto_refresh=False, transient=False) as live:
@@ -353,7 +356,7 @@ def top(args) -> int:
                                            -1 if args.all else 10), refresh=True)
                 if quit_:
                     break
-                snap = read_snapshot(snap)
+                snap = read_snapshot(snap, pids=args.pid)
     except KeyboardInterrupt:
         pass
     finally:

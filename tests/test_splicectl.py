@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import signal
 import socket
@@ -230,3 +231,86 @@ def test_bad_arguments_exit_2_with_one_line(args):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Python's http.server on loopback, serving a few files of random bytes."""
+    files = {}
+    for name, size in (("small", 100), ("mid", 300_000), ("big", 24 << 20)):
+        data = random.Random(name).randbytes(size)
+        (tmp_path / name).write_bytes(data)
+        files[name] = hashlib.sha256(data).hexdigest()
+    p = subprocess.Popen([PY, "-m", "http.server", "0", "--bind", "127.0.0.1",
+                          "--directory", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = p.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (...)"
+        port = int(line.split(" port ")[1].split()[0])
+        yield f"127.0.0.1:{port}", files
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+
+
+@pytest.mark.parametrize("engine", ["bpf", "worker"])
+def test_http_server_and_curl_through_the_proxy(http_server, proxies, tmp_path, engine):
+    """curl fetches files from http.server through the proxy (keep-alive
+    off and on, several at once), every body hash-checked."""
+    addr, files = http_server
+    px = proxies(addr, "--backend", engine)
+    base = f"http://{px.addr[0]}:{px.addr[1]}"
+    out = tmp_path / "out"
+    out.mkdir()
+    # One curl, three URLs on one keep-alive connection; and 8 curls at once.
+    args = []
+    for name in files:
+        args += [f"{base}/{name}", "-o", str(out / f"ka-{name}")]
+    runs = [subprocess.Popen(["curl", "-sSf", "--max-time", "60", *args])]
+    for i in range(8):
+        name = list(files)[i % 3]
+        runs.append(subprocess.Popen(["curl", "-sSf", "--max-time", "60", f"{base}/{name}",
+                                      "-o", str(out / f"{i}-{name}")]))
+    assert [r.wait(90) for r in runs] == [0] * len(runs)
+    got = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.iterdir()}
+    assert len(got) == 3 + 8
+    for fname, digest in got.items():
+        assert digest == files[fname.split("-", 1)[1]], fname
+    assert px.stop() == 0
+
+
+def test_top_in_tmux_shows_rows_and_quits_on_q(upstream, proxies):
+    """`splicectl top` in a real terminal (tmux): the live rows appear,
+    refresh, and `q` ends it with status 0."""
+    px = proxies(upstream.addr)
+    conns = [socket.create_connection(px.addr) for _ in range(2)]
+    for s in conns:
+        s.sendall(b"Eping")
+        assert s.recv(4) == b"ping"
+    session = f"sosplice-top-{os.getpid()}"
+    status = Path(f"/tmp/{session}.status")
+    cmd = f"cd {ROOT} && {PY} -m splicectl top 0.3 --pid {px.p.pid}; echo $? > {status}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "30", cmd],
+                   check=True, timeout=10)
+    try:
+        def screen() -> str:
+            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                  capture_output=True, text=True, timeout=10).stdout
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and screen().count("active") < 4:
+            time.sleep(0.2)
+        text = screen()
+        assert text.count("active") >= 4, text  # two splices per connection
+        ports = [str(s.getsockname()[1]) for s in conns]
+        assert all(p in text for p in ports), text
+        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True, timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not status.exists():
+            time.sleep(0.1)
+        assert status.read_text().strip() == "0"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)
+        status.unlink(missing_ok=True)
+        for s in conns:
+            s.close()
