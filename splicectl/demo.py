@@ -233,7 +233,7 @@ def run(args) -> int:
     try:
         console.print(f"[bold]sosplice demo[/]: {args.conns} connections, both ways, "
                       f"{args.seconds:g} s through a spliced proxy {view.fmt_addr(addr)} "
-                      f"-> upstream {view.fmt_addr(upstream.addr)}")
+                      f"-> upstream {view.fmt_addr(upstream.addr)} (backend {px.engine.backend})")
         engine = px.engine
         pid = os.getpid()
         prev: list = [None]
