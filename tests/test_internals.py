@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -113,3 +114,30 @@ def test_auto_without_privilege_is_the_worker_backend():
                          timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["worker", "0", str(3 << 20), "True"]
+
+
+def test_kernel_splice2_does_not_see_bytes_passed_by_the_verdict():
+    """KERNEL-NOTES 15, why a splice cannot move from bpf to worker: once a
+    socket has been in `sources`, bytes the verdict passes sit in its psock
+    queue, which recv() reads and splice(2) does not."""
+    import sosplice
+    from conftest import recv_exactly, tcp_pair
+
+    a, b = tcp_pair()
+    c, d = tcp_pair()
+    r, w = os.pipe2(os.O_NONBLOCK)
+    with sosplice.Splicer(backend="bpf") as eng, a, b, c, d:
+        try:
+            sp = eng.splice(b, c)
+            a.sendall(b"1" * 100)
+            assert recv_exactly(d, 100) == b"1" * 100
+            assert sp.unsplice() == 100
+            a.sendall(b"2" * 100)   # passed: b is still in `sources`
+            time.sleep(0.1)
+            b.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                os.splice(b.fileno(), w, 100, flags=os.SPLICE_F_NONBLOCK)
+            assert b.recv(1000) == b"2" * 100
+        finally:
+            os.close(r)
+            os.close(w)
