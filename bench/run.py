@@ -15,13 +15,23 @@ own port in front of the same upstream:
     socat             socat TCP-LISTEN:p,fork,reuseaddr TCP:127.0.0.1:up
     asyncio           bench/asyncio_relay.py (plain asyncio streams)
 
-Throughput: iperf3 -c ... -t 5 -J, -P 1 and -P 8 (full: -P 64 and -R too),
+Throughput: iperf3 -c ... -t 5 -J, -P 1 and -P 8 (full: also -P 64, and
+-R for each of -P 1, 8 and 64),
 bits_per_second of end.sum_received. CPU: for each throughput run, CPU
 seconds of the peer process tree (utime+stime of the process and its live
 descendants, plus cutime+cstime of reaped children) and system-wide
 system+softirq (and all non-idle) time from /proc/stat, per GB moved.
 Latency: a ping-pong client (64 B and 16 KiB) through each peer to a local
 echo server process; p50/p99/p99.9 of the round trip.
+Setup rate: short connections (connect, 100 B, read the echo, close) from
+2 client processes x 4 threads for 3 s (full: 10 s) through each peer to an
+epoll echo server (bench/conn_echo.py): connections per second, their
+p50/p99, proxy CPU per connection. Splice rate: bench/splice_rate.py,
+splice()/unsplice() calls per second on each backend, no proxy involved.
+Memory: 2,000 (full: 10,000) idle connections held open through each peer,
+one 100 B echo each; proxy tree RSS/PSS and /proc/meminfo deltas, and the
+proxy's CPU while they sit idle. socat forks a process per connection, so it
+is capped (500; full: 1,000) and compared per connection.
 
 Writes bench/results/latest.json and prints ratio tables. Must run as root
 (the sosplice proxy loads a BPF program). Every process started is killed
@@ -33,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -49,6 +60,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 PEERS = ["direct", "sosplice", "sosplice-worker", "haproxy-splice", "haproxy", "socat", "asyncio"]
 BASE, REF = "direct", "haproxy-splice"
+SECTIONS = ["throughput", "latency", "setup", "splicerate", "memory"]
 
 # ---------------------------------------------------------------------------
 # process management
@@ -155,11 +167,12 @@ def start_peer(kind: str, upstream: int) -> tuple[int, subprocess.Popen | None]:
 
 def haproxy_cfg(port: int, upstream: int, *, splice: bool) -> str:
     return f"""global
-    maxconn 4096
+    maxconn 30000
     log stdout format raw local0 err
 
 defaults
     mode tcp
+    maxconn 30000
     timeout connect 5s
     timeout client 120s
     timeout server 120s
@@ -315,6 +328,194 @@ def pingpong(port: int, size: int, n: int, warmup: int) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# setup rate
+
+def raise_nofile(want: int = 200_000) -> None:
+    """Children inherit it: the relays that do not raise their own need it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def setup_rate(port: int, proc: subprocess.Popen | None, seconds: float, procs: int,
+               threads: int) -> dict:
+    t0 = proc_ticks(proc.pid) if proc else 0
+    ps = [spawn([PY, os.path.join(HERE, "conn_client.py"), str(port), str(seconds), str(threads)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(procs)]
+    outs = []
+    for p in ps:
+        try:
+            out, err = p.communicate(timeout=seconds + 60)
+        finally:
+            stop(p)
+        try:
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+        except (json.JSONDecodeError, IndexError):
+            raise RuntimeError(f"conn_client gave no result: {err.strip()[-300:]}") from None
+    time.sleep(0.3)
+    t1 = proc_ticks(proc.pid) if proc else 0
+    samples = sorted(x for o in outs for x in o["samples_us"])
+    n = sum(o["n"] for o in outs)
+    kinds: dict[str, int] = {}
+    for o in outs:
+        for k, v in o["error_kinds"].items():
+            kinds[k] = kinds.get(k, 0) + v
+
+    def pct(q: float) -> float | None:
+        return float(samples[min(len(samples) - 1, int(q / 100 * len(samples)))]) if samples else None
+
+    cpu = (t1 - t0) / TICK
+    return {"conn_per_s": sum(o["n"] / o["elapsed"] for o in outs), "n": n,
+            "errors": sum(o["errors"] for o in outs), "error_kinds": kinds,
+            "p50_us": pct(50), "p99_us": pct(99), "seconds": seconds, "procs": procs,
+            "threads": threads, "proxy_cpu_s": cpu,
+            "proxy_cpu_us_per_conn": cpu / n * 1e6 if n else None}
+
+
+def splice_rate(backend: str, n: int, cap: float) -> dict:
+    p = spawn([PY, os.path.join(HERE, "splice_rate.py"), backend, str(n), str(cap)],
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=6 * cap + 300)
+    finally:
+        stop(p)
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        raise RuntimeError(f"splice_rate.py {backend} failed: {err.strip()[-300:]}") from None
+
+
+# ---------------------------------------------------------------------------
+# memory with many idle connections
+
+MEMINFO_KEYS = ("MemAvailable", "Slab", "SUnreclaim", "SReclaimable", "KernelStack", "PageTables",
+                "Percpu")
+
+
+def meminfo() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            if k in MEMINFO_KEYS:
+                out[k] = int(v.split()[0])   # kB
+    return out
+
+
+def tree_pids(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        children.setdefault(int(st[st.rindex(")") + 2:].split()[1]), []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        q = todo.pop()
+        out.append(q)
+        todo.extend(children.get(q, []))
+    return out
+
+
+def tree_mem(pid: int) -> dict[str, int]:
+    """VmRSS and Pss (kB) summed over pid and its descendants."""
+    rss = pss = n = 0
+    for q in tree_pids(pid):
+        try:
+            with open(f"/proc/{q}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1])
+            with open(f"/proc/{q}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+            n += 1
+        except OSError:
+            continue
+    return {"rss_kib": rss, "pss_kib": pss, "procs": n}
+
+
+def memory_run(port: int, proc: subprocess.Popen | None, n: int, idle_s: float) -> dict:
+    msg = os.urandom(100)
+    time.sleep(0.5)
+    m0, r0 = meminfo(), (tree_mem(proc.pid) if proc else None)
+    socks: list[socket.socket] = []
+    error = None
+    t = time.monotonic()
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(s)
+            s.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                d = s.recv(len(msg) - len(got))
+                if not d:
+                    raise ConnectionError("closed before the echo")
+                got += d
+            if got != msg:
+                raise RuntimeError("echo returned different bytes")
+    except (OSError, RuntimeError) as e:
+        error = f"after {len(socks)} connections: {e!r}"
+    open_s = time.monotonic() - t
+    time.sleep(1.0)          # let the relays settle (sweeps, lazy allocations)
+    c0 = proc_ticks(proc.pid) if proc else 0
+    time.sleep(idle_s)       # the relay's CPU while the connections sit idle
+    c1 = proc_ticks(proc.pid) if proc else 0
+    m1, r1 = meminfo(), (tree_mem(proc.pid) if proc else None)
+    # still alive and still relaying after the idle time? (a sample)
+    alive = 0
+    for s in socks[:: max(1, len(socks) // 50)]:
+        try:
+            s.settimeout(5)
+            s.sendall(b"x")
+            alive += s.recv(1) == b"x"
+        except OSError:
+            pass
+    checked = len(socks[:: max(1, len(socks) // 50)])
+    held = len(socks)
+    for s in socks:          # reset, not FIN: no TIME_WAIT left for the next peer
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+        s.close()
+    socks.clear()
+    time.sleep(1.0)
+    d = {k: m1[k] - m0[k] for k in m0}
+    per = (lambda v: v / held if held else None)
+    out = {"requested": n, "held": held, "error": error, "open_s": open_s,
+           "alive_checked": checked, "alive_ok": alive,
+           "meminfo_before_kib": m0, "meminfo_after_kib": m1,
+           "slab_delta_kib": d["Slab"], "sunreclaim_delta_kib": d["SUnreclaim"],
+           "memavail_drop_kib": -d["MemAvailable"],
+           "slab_kib_per_conn": per(d["Slab"]), "sunreclaim_kib_per_conn": per(d["SUnreclaim"]),
+           "memavail_drop_kib_per_conn": per(-d["MemAvailable"]),
+           "idle_s": idle_s, "proxy_idle_cpu_pct": (c1 - c0) / TICK / idle_s * 100 if proc else 0.0}
+    if r0 is not None and r1 is not None:
+        out.update({"proxy_before": r0, "proxy_after": r1,
+                    "proxy_rss_kib": r1["rss_kib"], "proxy_pss_kib": r1["pss_kib"],
+                    "proxy_rss_delta_kib": r1["rss_kib"] - r0["rss_kib"],
+                    "proxy_pss_delta_kib": r1["pss_kib"] - r0["pss_kib"],
+                    "proxy_rss_kib_per_conn": per(r1["rss_kib"] - r0["rss_kib"]),
+                    "proxy_pss_kib_per_conn": per(r1["pss_kib"] - r0["pss_kib"])})
+    else:
+        out.update({"proxy_rss_kib": 0, "proxy_pss_kib": 0, "proxy_rss_delta_kib": 0,
+                    "proxy_pss_delta_kib": 0, "proxy_rss_kib_per_conn": 0.0,
+                    "proxy_pss_kib_per_conn": 0.0})
+    return out
+
+
+# ---------------------------------------------------------------------------
 # report
 
 def fmt_ratio(v: float | None, ref: float | None) -> str:
@@ -327,7 +528,12 @@ def tables(res: dict) -> str:
     out = []
     tp = res["throughput"]
     lat = res["latency"]
+    st = res.get("setup", {})
+    mem = res.get("memory", {})
     peers = res["peers"]
+
+    def f(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
 
     def table(title: str, rows: list[tuple[str, dict[str, float | None], str]]) -> None:
         out.append(f"\n{title}")
@@ -351,7 +557,25 @@ def tables(res: dict) -> str:
         for q in ("p50_us", "p99_us", "p99.9_us"):
             rows.append((f"{test} {q}", {p: f"{lat[test][p][q]:.1f}"
                                          for p in peers if p in lat[test]}, ""))
-    table("Absolute (Gbit/s; CPU s per GB; round trip in us)", rows)
+    if st:
+        rows.append(("setup conn/s", {p: f(st[p]["conn_per_s"], ".0f") for p in st}, ""))
+        rows.append(("setup p50 us", {p: f(st[p]["p50_us"], ".0f") for p in st}, ""))
+        rows.append(("setup p99 us", {p: f(st[p]["p99_us"], ".0f") for p in st}, ""))
+        rows.append(("setup proxyCPU us/conn", {p: f(st[p]["proxy_cpu_us_per_conn"], ".0f")
+                                                for p in st}, ""))
+        rows.append(("setup errors", {p: str(st[p]["errors"]) for p in st}, ""))
+    if mem:
+        rows.append(("mem conns held", {p: str(mem[p]["held"]) for p in mem}, ""))
+        rows.append(("mem proxy RSS MiB", {p: f(mem[p]["proxy_rss_kib"] / 1024, ".1f") for p in mem}, ""))
+        rows.append(("mem RSS KiB/conn", {p: f(mem[p]["proxy_rss_kib_per_conn"], ".1f") for p in mem}, ""))
+        rows.append(("mem PSS KiB/conn", {p: f(mem[p]["proxy_pss_kib_per_conn"], ".1f") for p in mem}, ""))
+        rows.append(("mem Slab KiB/conn", {p: f(mem[p]["slab_kib_per_conn"], ".1f") for p in mem}, ""))
+        rows.append(("mem SUnrecl KiB/conn", {p: f(mem[p]["sunreclaim_kib_per_conn"], ".1f")
+                                              for p in mem}, ""))
+        rows.append(("mem MemAvail KiB/conn", {p: f(mem[p]["memavail_drop_kib_per_conn"], ".1f")
+                                               for p in mem}, ""))
+        rows.append(("mem idle proxy CPU %", {p: f(mem[p]["proxy_idle_cpu_pct"], ".1f") for p in mem}, ""))
+    table("Absolute (Gbit/s; CPU s per GB; round trip in us; setup; memory per idle connection)", rows)
 
     for ref in (BASE, REF):
         rows = []
@@ -370,8 +594,27 @@ def tables(res: dict) -> str:
             for q in ("p50_us", "p99_us", "p99.9_us"):
                 rows.append((f"{test} {q}", {p: fmt_ratio(lat[test][p][q], lat[test].get(ref, {}).get(q))
                                              for p in peers if p in lat[test]}, ""))
+        if st:
+            for key, name in (("conn_per_s", "setup conn/s"), ("p50_us", "setup p50")):
+                rows.append((name, {p: fmt_ratio(st[p][key], st.get(ref, {}).get(key)) for p in st}, ""))
+        if mem:
+            keys = [("memavail_drop_kib_per_conn", "mem MemAvail/conn"), ("slab_kib_per_conn", "mem Slab/conn")]
+            if ref != BASE:
+                keys = [("proxy_rss_kib_per_conn", "mem RSS/conn"), ("proxy_pss_kib_per_conn", "mem PSS/conn")] + keys
+            for key, name in keys:
+                rows.append((name, {p: fmt_ratio(mem[p][key], mem.get(ref, {}).get(key)) for p in mem}, ""))
         table(f"Ratios vs {ref} (throughput: higher is better; CPU/GB and latency: lower is better)",
               rows)
+    sr = res.get("splice_rate", {})
+    if sr:
+        out.append("\nSplice rate through the Python API (calls/s; no proxy; per backend)")
+        out.append(f"{'backend':<10}{'n':>7}{'start s':>9}{'splice/s':>10}{'p50 us':>8}{'p99 us':>9}"
+                   f"{'unspl/s':>9}{'cycle/s':>9}{'2-way/s':>9}{'close s':>9}")
+        for b, r in sr.items():
+            out.append(f"{b:<10}{r['n']:>7}{r['engine_start_s']:>9.2f}{r['splice']['per_s']:>10.0f}"
+                       f"{r['splice']['p50_us']:>8.0f}{r['splice']['p99_us']:>9.0f}"
+                       f"{r['unsplice']['per_s']:>9.0f}{r['cycle']['per_s']:>9.0f}"
+                       f"{r['both_ways']['per_s']:>9.0f}{r['engine_close_s']:>9.2f}")
     return "\n".join(out)
 
 
@@ -418,6 +661,8 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="also -P 64, -R, 10x more round trips")
     ap.add_argument("--seconds", type=int, default=5, help="iperf3 -t (default 5)")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help="comma-separated subset of " + ",".join(SECTIONS))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -432,9 +677,19 @@ def main() -> int:
             print(f"{tool} is not installed", file=sys.stderr)
             return 2
 
+    only = [x for x in args.only.split(",") if x]
+    for x in only:
+        if x not in SECTIONS:
+            ap.error(f"unknown section {x!r}")
     tp_tests = [(1, False), (8, False)]
     if args.full:
-        tp_tests += [(64, False), (1, True), (8, True)]
+        tp_tests += [(64, False), (1, True), (8, True), (64, True)]
+    setup_s = 10.0 if args.full else 3.0
+    setup_procs, setup_threads = 2, 4
+    n_splice, splice_cap = (10000, 60.0) if args.full else (1000, 10.0)
+    n_mem = 10000 if args.full else 2000
+    socat_cap = 1000 if args.full else 500
+    mem_idle_s = 5.0 if args.full else 3.0
     n_rt = 50000 if args.full else 5000
     lat_tests = [(64, n_rt), (16384, n_rt)]
 
@@ -458,20 +713,31 @@ def main() -> int:
                              "bench/run.py"] + sys.argv[1:]),
         "iperf_seconds": args.seconds,
         "peers": peers,
+        "sections": only,
         "throughput": {},
         "latency": {},
+        "setup": {},
+        "splice_rate": {},
+        "memory": {},
+        "params": {"setup_seconds": setup_s, "setup_procs": setup_procs,
+                   "setup_threads": setup_threads, "setup_msg_bytes": 100,
+                   "splice_rate_n": n_splice, "splice_rate_cap_s": splice_cap,
+                   "memory_conns": n_mem, "memory_socat_cap": socat_cap,
+                   "memory_idle_s": mem_idle_s, "memory_msg_bytes": 100},
         "errors": [],
     }
     t_start = time.monotonic()
+    raise_nofile()
     try:
         server = {"port": free_port()}
-        ensure_iperf_server(server)
+        if "throughput" in only:
+            ensure_iperf_server(server)
         echo_port = free_port()
         echo = spawn([PY, os.path.join(HERE, "echo_server.py"), str(echo_port)],
                      stdout=subprocess.DEVNULL)
         wait_listening(echo_port, echo, "echo server")
 
-        for kind in peers:
+        for kind in peers if ("throughput" in only or "latency" in only) else []:
             # throughput, peer in front of iperf3
             try:
                 port, proc = start_peer(kind, server["port"])
@@ -480,7 +746,7 @@ def main() -> int:
                 print(f"!! {kind}: {e}", flush=True)
                 continue
             try:
-                for par, rev in tp_tests:
+                for par, rev in tp_tests if "throughput" in only else []:
                     test = f"P{par}{'-R' if rev else ''}"
                     try:
                         r = throughput_run(kind, port, proc, par, rev, args.seconds, server)
@@ -503,7 +769,7 @@ def main() -> int:
                 res["errors"].append(f"{kind}: start failed: {e}")
                 continue
             try:
-                for size, n in lat_tests:
+                for size, n in lat_tests if "latency" in only else []:
                     test = f"rr{size}"
                     try:
                         r = pingpong(port, size, n, warmup=max(200, n // 20))
@@ -514,6 +780,66 @@ def main() -> int:
                     res["latency"].setdefault(test, {})[kind] = r
                     print(f"{kind:>15} {test:<6} p50 {r['p50_us']:7.1f} us  p99 {r['p99_us']:7.1f} us  "
                           f"p99.9 {r['p99.9_us']:7.1f} us", flush=True)
+            finally:
+                if proc is not None:
+                    stop(proc)
+
+        if "setup" in only or "memory" in only:
+            up_port = free_port()
+            up = spawn([PY, os.path.join(HERE, "conn_echo.py"), str(up_port)], stdout=subprocess.DEVNULL)
+            wait_listening(up_port, up, "conn_echo")
+
+        for kind in peers if "setup" in only else []:
+            try:
+                port, proc = start_peer(kind, up_port)
+            except Exception as e:  # noqa: BLE001
+                res["errors"].append(f"{kind}: start failed: {e}")
+                continue
+            try:
+                r = setup_rate(port, proc, setup_s, setup_procs, setup_threads)
+                res["setup"][kind] = r
+                print(f"{kind:>15} setup  {r['conn_per_s']:7.0f} conn/s  p50 {r['p50_us']} us  "
+                      f"p99 {r['p99_us']} us  proxy {r['proxy_cpu_us_per_conn']} us/conn  "
+                      f"errors {r['errors']} {r['error_kinds'] or ''}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                res["errors"].append(f"{kind} setup: {e}")
+                print(f"!! {kind} setup: {e}", flush=True)
+            finally:
+                if proc is not None:
+                    stop(proc)
+
+        for backend in ("bpf", "worker") if "splicerate" in only else ():
+            try:
+                r = splice_rate(backend, n_splice, splice_cap)
+                res["splice_rate"][backend] = r
+                print(f"{backend:>15} splice {r['splice']['per_s']:7.0f}/s  unsplice "
+                      f"{r['unsplice']['per_s']:7.0f}/s  cycle {r['cycle']['per_s']:7.0f}/s  "
+                      f"both ways {r['both_ways']['per_s']:7.0f} pairs/s", flush=True)
+            except Exception as e:  # noqa: BLE001
+                res["errors"].append(f"splice rate {backend}: {e}")
+                print(f"!! splice rate {backend}: {e}", flush=True)
+
+        for kind in peers if "memory" in only else []:
+            n = min(n_mem, socat_cap) if kind == "socat" else n_mem
+            try:
+                port, proc = start_peer(kind, up_port)
+            except Exception as e:  # noqa: BLE001
+                res["errors"].append(f"{kind}: start failed: {e}")
+                continue
+            try:
+                r = memory_run(port, proc, n, mem_idle_s)
+                res["memory"][kind] = r
+                print(f"{kind:>15} memory {r['held']:6d} conns  proxy RSS {r['proxy_rss_kib'] / 1024:7.1f} MiB "
+                      f"({r['proxy_rss_kib_per_conn']:.1f} KiB/conn)  slab "
+                      f"{r['slab_kib_per_conn']:.1f} KiB/conn  MemAvail "
+                      f"{r['memavail_drop_kib_per_conn']:.1f} KiB/conn  idle CPU "
+                      f"{r['proxy_idle_cpu_pct']:.1f}%  alive {r['alive_ok']}/{r['alive_checked']}"
+                      f"{'  ' + r['error'] if r['error'] else ''}", flush=True)
+                if r["error"]:
+                    res["errors"].append(f"{kind} memory: {r['error']}")
+            except Exception as e:  # noqa: BLE001
+                res["errors"].append(f"{kind} memory: {e}")
+                print(f"!! {kind} memory: {e}", flush=True)
             finally:
                 if proc is not None:
                     stop(proc)

@@ -1,7 +1,8 @@
 """The bpf backend: BPF programs, one record per splice, one controller thread.
 
 Transitions, each one function, all under `Splicer._lock`:
-  splice()     start: validate, insert into the maps, publish ctl
+  _start()     start: insert into the maps, publish ctl (after _engine.Splicer.splice
+               validated the sockets)
   _move()      the controller's step for one splice: refresh credit, copy
                passed bytes in order, decide whether to end (OpenBSD somove)
   _dissolve()  stop counting: delete the ctl entry so the verdict passes
