@@ -74,16 +74,6 @@ def mod():
     return _Module()
 
 
-def _backend_of(eng) -> str:
-    return getattr(eng, "backend", "") or "bpf"
-
-
-def known_bug(request, eng, backends: tuple[str, ...], reason: str) -> None:
-    """Mark the test xfail(strict) on the backends that have this bug."""
-    if _backend_of(eng) in backends:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 # --------------------------------------------------------------------------
 # The bystander
 
@@ -238,8 +228,6 @@ def test_types_are_checked_before_values(env, mod):
     assert_untouched(mod, L0, L1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (order): a negative fd or closed socket object is "
-                   "reported as EBADF before a bad max/idle, against docs/api.md's check order")
 def test_values_are_checked_before_bad_fds(env, mod):
     L0, L1 = env.pair()
     dead, _ = _closed_socket()
@@ -481,8 +469,6 @@ def test_refused_by_another_engine_keeps_queued_bytes(request, env, splicer):
     """A former source of the default engine holds bytes; a second engine
     refuses to splice it (EBUSY, docs: use one engine) or splices it. Either
     way not a byte is lost."""
-    known_bug(request, splicer, ("bpf",), "BUG: a splice refused with EBUSY because the "
-              "source is in another engine's sockmap loses the source's queued bytes")
     L0, L1 = env.pair()
     R0, R1 = env.pair()
     X0, X1 = env.pair()
@@ -509,8 +495,6 @@ def test_refused_when_maps_full_keeps_queued_bytes(request, env):
     makes it); the source keeps its queued bytes or they move, never lost."""
     eng = sosplice.Splicer(max_sockets=1)
     env.closers.append(eng.close)
-    known_bug(request, eng, ("bpf",), "BUG: a splice refused because the sockmap is full "
-              "(E2BIG) loses the source's queued bytes")
     L0, L1 = env.pair()
     R0, R1 = env.pair()
     X0, X1 = env.pair()
@@ -599,8 +583,6 @@ def test_idle_values_that_mean_not_soon(env, mod, ok):
     assert sp.error == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a finite idle too large for nanoseconds "
-                   "(1e300, 10**400) raises OverflowError instead of EINVAL or a splice")
 @pytest.mark.parametrize("big", [1e300, 10 ** 400], ids=["1e300", "10**400"])
 def test_idle_huge_finite(env, mod, big):
     L0, L1 = env.pair()
@@ -619,8 +601,6 @@ def test_idle_huge_finite(env, mod, big):
 def test_idle_huge_finite_does_no_harm(request, env, mod, bystander):
     """Whatever it raises, a failed huge idle leaves everything as it was,
     and no fd behind."""
-    known_bug(request, sosplice.default_engine(), ("worker",), "BUG: worker backend: the "
-              "failed splice(idle=1e300) leaks its pipe (2 fds)")
     L0, L1 = env.pair()
     R0, R1 = env.pair()
     fds = len(os.listdir("/proc/self/fd"))
@@ -642,8 +622,6 @@ def test_idle_huge_finite_does_no_harm(request, env, mod, bystander):
     bystander.finish()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an idle below 1 ns (1e-10) is truncated to 0 "
-                   "and silently means no timeout")
 def test_idle_tiny_positive_times_out(env, mod):
     L0, L1 = env.pair()
     R0, R1 = env.pair()
@@ -896,8 +874,6 @@ def test_wait_timeouts(env, mod, bystander):
     bystander.finish()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Splice.wait(timeout=inf) or a huge timeout on a "
-                   "live splice raises OverflowError instead of waiting")
 @pytest.mark.parametrize("t", [math.inf, 1e300])
 def test_wait_infinite_timeout(env, mod, t):
     L0, L1 = env.pair()
@@ -953,8 +929,6 @@ def test_backlog_cap_huge(request, env, cap):
         assert "backlog_cap" in str(e)
         return
     env.closers.append(eng.close)
-    known_bug(request, eng, ("bpf",), "BUG: Splicer(backlog_cap >= 2**30) is accepted but "
-              "every splice() then raises TypeError from setsockopt(SO_SNDBUFFORCE)")
     sp = eng.splice(L1, R0)
     L0.sendall(b"big cap")
     assert recv_exactly(R1, 7) == b"big cap"
@@ -995,8 +969,6 @@ def test_closed_engine(env):
     assert_plain_path(R0, R1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a splice() accepted while close() waits for "
-                   "another splice's drain ends without its flush: counted bytes are lost")
 def test_splice_racing_engine_close(env):
     """A splice() made while close() is waiting for another splice's drain
     is refused (RuntimeError), or it is a splice like any other: every byte

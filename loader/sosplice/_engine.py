@@ -20,6 +20,7 @@ before this one, never after.
 """
 from __future__ import annotations
 
+import builtins
 import collections
 import dataclasses
 import errno
@@ -36,6 +37,9 @@ from . import _sock
 from ._splice import Splice, SpliceInfo, SpliceRecord, State
 
 DEFAULT_BACKLOG_CAP = 4 << 20
+MIN_BACKLOG_CAP = 64 << 10
+# The bpf backend sizes the drain's SO_SNDBUF to twice the cap, an int.
+MAX_BACKLOG_CAP = 256 << 20
 BACKENDS = ("bpf", "worker", "auto")
 # How often to check whether the application has closed a spliced fd.
 CLOSE_SWEEP = 0.2
@@ -87,6 +91,22 @@ def _check_socket(fd: int, what: str) -> socket.socket:
     return s
 
 
+def _idle_ns(idle: float | None) -> int:
+    """`idle` seconds as the records keep it: 0 = none, else >= 1 ns."""
+    if idle is None:
+        return 0
+    try:
+        seconds = float(idle)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0:
+        raise _err(errno.EINVAL, f"idle must be a finite number of seconds >= 0 (or None), not {idle}")
+    if seconds == 0:
+        return 0
+    # Past 2**62 ns (146 years) the timer never fires anyway.
+    return builtins.max(1, int(builtins.min(seconds * 1e9, float(1 << 62))))
+
+
 def resolve_backend(name: str | None) -> str:
     """"bpf" or "worker" for a requested backend name (None: $SOSPLICE_BACKEND)."""
     if name is None:
@@ -109,11 +129,11 @@ class Splicer:
             $SOSPLICE_BACKEND, else "auto". `Splicer.backend` says which.
         backlog_cap: most bytes the kernel may hold for one splice beyond
             the two sockets' buffers; past it the drain's slowness reaches
-            the source's peer through TCP flow control.
+            the source's peer through TCP flow control. 64 KiB to 256 MiB.
         max_sockets: size of the kernel maps (bpf backend).
 
     Raises:
-        ValueError: an unknown backend or a backlog_cap below 64 KiB.
+        ValueError: an unknown backend or a backlog_cap out of range.
         PermissionError (EPERM): backend "bpf" without CAP_BPF/CAP_NET_ADMIN.
         OSError (ENOSYS): backend "bpf" on a kernel older than 6.16.
     """
@@ -130,8 +150,10 @@ class Splicer:
 
     def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
                  max_sockets: int = 65536) -> None:
-        if isinstance(backlog_cap, bool) or not isinstance(backlog_cap, int) or backlog_cap < 65536:
-            raise ValueError(f"backlog_cap must be an int >= 65536 bytes, not {backlog_cap!r}")
+        if isinstance(backlog_cap, bool) or not isinstance(backlog_cap, int) \
+                or not MIN_BACKLOG_CAP <= backlog_cap <= MAX_BACKLOG_CAP:
+            raise ValueError(f"backlog_cap must be an int from {MIN_BACKLOG_CAP} to {MAX_BACKLOG_CAP} "
+                             f"bytes, not {backlog_cap!r}")
         self.backlog_cap = backlog_cap
         self._lock = threading.RLock()
         self._live: dict[int, SpliceRecord] = {}        # source cookie -> record
@@ -140,7 +162,8 @@ class Splicer:
         self._unreported: dict[int, int] = {}           # source cookie -> error for geterror
         self._recent: collections.deque[SpliceRecord] = collections.deque()
         self._reaped: list[Splice] = []
-        self._closed = False
+        self._closed = False      # close() has finished
+        self._closing = False     # close() has begun: no new splice
         self._snapshot_path = os.path.join(RUN_DIR, f"{os.getpid()}-{id(self):x}.json")
         self._snapshot_written = False
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -150,18 +173,22 @@ class Splicer:
     def splice(self, source: socket.socket | int, drain: socket.socket | int, *,
                max: int = 0, idle: float | None = None) -> Splice:
         """Splice `source` into `drain`: see `sosplice.splice`."""
-        sfd, dfd = _fd_of(source, "source"), _fd_of(drain, "drain")
+        # Types, then values, then the sockets: a bad argument is reported
+        # the same way whatever state the sockets are in.
+        if isinstance(source, bool) or not isinstance(source, (int, socket.socket)):
+            raise TypeError(f"source must be a socket.socket or an int fd, not {type(source).__name__}")
+        if isinstance(drain, bool) or not isinstance(drain, (int, socket.socket)):
+            raise TypeError(f"drain must be a socket.socket or an int fd, not {type(drain).__name__}")
         if isinstance(max, bool) or not isinstance(max, int):
             raise TypeError(f"max must be an int byte count, not {type(max).__name__}")
+        if idle is not None and (isinstance(idle, bool) or not isinstance(idle, (int, float))):
+            raise TypeError(f"idle must be seconds as a float or None, not {type(idle).__name__}")
         if max < 0:
             raise _err(errno.EINVAL, f"max must be >= 0 (0 = no limit), not {max}")
         if max >= 1 << 62:
             raise _err(errno.EINVAL, f"max must be below 2**62 bytes, not {max}; 0 means no limit")
-        if idle is not None:
-            if isinstance(idle, bool) or not isinstance(idle, (int, float)):
-                raise TypeError(f"idle must be seconds as a float or None, not {type(idle).__name__}")
-            if not math.isfinite(idle) or idle < 0:
-                raise _err(errno.EINVAL, f"idle must be a finite number of seconds >= 0, not {idle}")
+        idle_ns = _idle_ns(idle)
+        sfd, dfd = _fd_of(source, "source"), _fd_of(drain, "drain")
         # Both fds are looked at before either is dup'ed: a dup could take
         # the number of a closed fd the caller passed as the other end.
         sino, dino = _inode_of(sfd, "source"), _inode_of(dfd, "drain")
@@ -183,7 +210,7 @@ class Splicer:
                     raise _err(errno.EBUSY, "source is already spliced; unsplice it first")
                 if dcookie in self._drains:
                     raise _err(errno.EBUSY, "drain is already fed by another splice")
-                rec = self._start(src, dst, (sfd, dfd), (sino, dino), max, idle)
+                rec = self._start(src, dst, (sfd, dfd), (sino, dino), max, idle_ns)
                 self._live[scookie] = rec
                 self._drains[dcookie] = rec
                 self._last.pop(scookie, None)
@@ -269,7 +296,7 @@ class Splicer:
     # -- what a backend provides --------------------------------------------
 
     def _start(self, src: socket.socket, dst: socket.socket, user_fds: tuple[int, int],
-               inodes: tuple[int, int], max: int, idle: float | None) -> SpliceRecord:
+               inodes: tuple[int, int], max: int, idle_ns: int) -> SpliceRecord:
         """Set up the data path (under the lock); the record is not live yet."""
         raise NotImplementedError
 
@@ -290,7 +317,7 @@ class Splicer:
     # -- shared transitions -------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closing:
             raise RuntimeError("this Splicer is closed; create a new one")
 
     def _report(self, rec: SpliceRecord) -> None:

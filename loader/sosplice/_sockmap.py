@@ -51,6 +51,10 @@ FLUSH_POLL_MAX = 0.05
 SO_SNDBUFFORCE = 32
 _HOLD = 1 << 63  # a `copied` value `passed` never reaches: pass everything
 
+# Source cookie -> the engine whose `sources` map holds it, for every bpf
+# engine of this process: a socket can have one verdict program only.
+_CLAIMED: dict[int, SockmapSplicer] = {}
+
 
 @dataclass(eq=False, kw_only=True)
 class SockmapRecord(SpliceRecord):
@@ -112,6 +116,7 @@ class SockmapSplicer(Splicer):
                  max_sockets: int = 65536) -> None:
         super().__init__(backlog_cap=backlog_cap)
         self._prog = Programs(max_sockets)
+        self._max_sockets = max_sockets
         self._byfd: dict[int, SockmapRecord] = {}       # our dup's fd -> record
         self._sources: set[int] = set()                 # cookies we put in `sources`
         self._timers: list[tuple[int, int, SockmapRecord]] = []  # (when, id, record)
@@ -127,8 +132,9 @@ class SockmapSplicer(Splicer):
     def close(self) -> None:
         """Unsplice everything (losslessly) and unload the programs. Idempotent."""
         with self._lock:
-            if self._closed:
+            if self._closing:
                 return
+            self._closing = True
             for rec in list(self._live.values()):
                 if rec.state is State.ACTIVE:
                     self._dissolve(rec, 0)
@@ -148,12 +154,15 @@ class SockmapSplicer(Splicer):
         self._remove_snapshot()
         os.close(self._wake)
         os.close(self._ready)
+        for c in self._sources:
+            if _CLAIMED.get(c) is self:
+                del _CLAIMED[c]
         self._prog.close()
 
     # -- start --------------------------------------------------------------
 
     def _start(self, src: socket.socket, dst: socket.socket, user_fds: tuple[int, int],
-               inodes: tuple[int, int], max: int, idle: float | None) -> SockmapRecord:
+               inodes: tuple[int, int], max: int, idle_ns: int) -> SockmapRecord:
         scookie, dcookie = _sock.cookie(src), _sock.cookie(dst)
         state, acked, queued = _sock.progress(dst)
         base = acked + queued
@@ -179,7 +188,7 @@ class SockmapSplicer(Splicer):
         rec = SockmapRecord(
             handle=handle, src=src, dst=dst, src_cookie=scookie, dst_cookie=dcookie,
             user_fds=user_fds, inodes=inodes, max=max,
-            idle_ns=int((idle or 0) * 1e9), started_ns=now, drain_base=base,
+            idle_ns=idle_ns, started_ns=now, drain_base=base,
             q_old=0, drain_in_map=drain_in_map, last_copy_ns=now,
             addrs=((src.getsockname(), src.getpeername()), (dst.getsockname(), dst.getpeername())),
         )
@@ -230,6 +239,7 @@ class SockmapSplicer(Splicer):
         self._prog.ctl[key(c)] = SpliceCtl(rec.dst_cookie, 0, _HOLD, 0)
         if c in self._sources:
             return False
+        self._check_insertable(c)
         # Take what is already queued ourselves. The kernel hands an skb
         # the application has partly read to the verdict whole, so the
         # bytes already read would be moved again (measured on 6.18:
@@ -253,12 +263,33 @@ class SockmapSplicer(Splicer):
         # Never discarded: cookies are not reused, and a closed socket
         # leaves the map by itself (pruned in _expire_recent).
         self._sources.add(c)
+        _CLAIMED[c] = self
         # A fresh source has nothing passed yet; bytes in its TCP queue
         # reach the verdict only on the next data_ready, which SO_RCVLOWAT
         # triggers now (KERNEL-NOTES 8).
         self._prog.ctl[key(c)] = SpliceCtl(rec.dst_cookie, 0, _HOLD if rec.q_old else 0, 0)
         rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return True
+
+    def _check_insertable(self, c: int) -> None:
+        """Refuse, before _prefetch takes any byte, what the insert would.
+
+        Bytes taken from the source cannot be given back, so the two
+        refusals that depend on the maps are checked first: a source in
+        another engine's map (EBUSY) and a full map (ENOSPC).
+        """
+        other = _CLAIMED.get(c)
+        if other is not None and other is not self:
+            raise _err(errno.EBUSY, "source is already in another sosplice engine's sockmap; "
+                       "splice a socket through one engine only")
+        if len(self._sources) >= self._max_sockets:
+            alive = self._prog.sock_keys(self._prog.sources_fd)
+            for gone in self._sources - alive:
+                _CLAIMED.pop(gone, None)
+            self._sources &= alive
+            if len(self._sources) >= self._max_sockets:
+                raise _err(errno.ENOSPC, f"the sockmap is full ({self._max_sockets} sources); "
+                           "create the Splicer with a larger max_sockets")
 
     def _prefetch(self, rec: SockmapRecord) -> bool:
         """Take the bytes queued on a fresh source into `pending`.
@@ -561,6 +592,7 @@ class SockmapSplicer(Splicer):
             # tests/test_transfer.py::test_eof_one_way_while_other_way_busy).
             self._prog.sock_delete(self._prog.sources_fd, rec.src_cookie)
             self._sources.discard(rec.src_cookie)
+            _CLAIMED.pop(rec.src_cookie, None)
         for s in (rec.src, rec.dst):
             self._byfd.pop(s.fileno(), None)
             try:
@@ -574,6 +606,8 @@ class SockmapSplicer(Splicer):
         # Forget the last count of sockets that are gone: a source leaves
         # `sources` only when closed (or after EOF, when it was deleted).
         alive = self._prog.sock_keys(self._prog.sources_fd)
+        for c in self._sources - alive:
+            _CLAIMED.pop(c, None)
         self._sources &= alive
         for c in [c for c, r in self._last.items() if c not in alive and r.done_ns < cutoff]:
             del self._last[c]

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from ._engine import Splicer
 
 
+# Longer than any real wait, shorter than threading.TIMEOUT_MAX.
+_WAIT_FOREVER = 1e9
+
+
 class State(enum.Enum):
     # Bytes flow (bpf: the verdict redirects, or passes while the
     # controller catches up; worker: splice(2) through the pipe).
@@ -108,6 +112,8 @@ class Splice:
         Raises:
             TimeoutError: the splice is still active after `timeout` seconds.
         """
+        if timeout is not None and timeout > _WAIT_FOREVER:
+            timeout = None  # threading refuses timeouts past its limit
         if not self._done.wait(timeout):
             raise TimeoutError(f"splice still active after {timeout} s")
         assert self._rec is not None and self._rec.error is not None

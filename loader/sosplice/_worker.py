@@ -112,8 +112,9 @@ class WorkerSplicer(Splicer):
     def close(self) -> None:
         """Unsplice everything (losslessly) and stop the workers. Idempotent."""
         with self._lock:
-            if self._closed:
+            if self._closing:
                 return
+            self._closing = True
             live = list(self._live.values())
         for rec in live:
             rec.worker.post(lambda rec=rec: rec.worker.dissolve(rec, 0))
@@ -133,31 +134,41 @@ class WorkerSplicer(Splicer):
     # -- what the base class asks of a backend ------------------------------
 
     def _start(self, src: socket.socket, dst: socket.socket, user_fds: tuple[int, int],
-               inodes: tuple[int, int], max: int, idle: float | None) -> PipeRecord:
+               inodes: tuple[int, int], max: int, idle_ns: int) -> PipeRecord:
         if _sock.tcp_state(dst) not in _sock.CAN_SEND:
             raise _err(errno.EPIPE, "drain can no longer send")
         if _sock.tcp_state(src) not in _sock.CAN_SEND:
             raise _err(errno.ENOTCONN, "source has shut down its side of the connection; "
                        "splice before calling shutdown() on it")
-        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(pipe_w, F_SETPIPE_SZ, self._pipe_size)
-        except OSError:
-            pass  # EPERM past pipe-max-size or the per-user pipe budget: keep the default
-        size = fcntl.fcntl(pipe_w, F_GETPIPE_SZ)
         worker = self._workers[self._next % len(self._workers)]
         self._next += 1
-        now = time.monotonic_ns()
-        rec = PipeRecord(
-            handle=Splice(self), src=src, dst=dst, src_cookie=_sock.cookie(src),
-            dst_cookie=_sock.cookie(dst), user_fds=user_fds, inodes=inodes, max=max,
-            idle_ns=int((idle or 0) * 1e9), started_ns=now,
-            addrs=((src.getsockname(), src.getpeername()), (dst.getsockname(), dst.getpeername())),
-            worker=worker, pipe_r=pipe_r, pipe_w=pipe_w, pipe_size=size,
-        )
-        rec.handle._rec = rec
-        for s, ino in ((src, inodes[0]), (dst, inodes[1])):
-            self._hold_nonblock(s, ino)
+        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.fcntl(pipe_w, F_SETPIPE_SZ, self._pipe_size)
+            except OSError:
+                pass  # EPERM past pipe-max-size or the per-user pipe budget: keep the default
+            rec = PipeRecord(
+                handle=Splice(self), src=src, dst=dst, src_cookie=_sock.cookie(src),
+                dst_cookie=_sock.cookie(dst), user_fds=user_fds, inodes=inodes, max=max,
+                idle_ns=idle_ns, started_ns=time.monotonic_ns(),
+                addrs=((src.getsockname(), src.getpeername()), (dst.getsockname(), dst.getpeername())),
+                worker=worker, pipe_r=pipe_r, pipe_w=pipe_w,
+                pipe_size=fcntl.fcntl(pipe_w, F_GETPIPE_SZ),
+            )
+            rec.handle._rec = rec
+            self._hold_nonblock(src, inodes[0])
+        except BaseException:
+            os.close(pipe_r)
+            os.close(pipe_w)
+            raise
+        try:
+            self._hold_nonblock(dst, inodes[1])
+        except BaseException:
+            self._release_nonblock(src, inodes[0])
+            os.close(pipe_r)
+            os.close(pipe_w)
+            raise
         return rec
 
     def _started(self, rec: PipeRecord) -> None:
