@@ -15,10 +15,11 @@ import pytest
 
 import sosplice
 from conftest import (Pump, Receiver, Sender, Stream, _fd_count, assert_nothing_arrives,
-                      fionread, recv_exactly, recv_until_eof, sha, tcp_written, unsplice,
-                      wait_until)
+                      fionread, recv_exactly, recv_until_eof, sha, tcp_pair, tcp_written,
+                      unsplice, wait_until)
 
 MiB = 1 << 20
+STEP = 10.0
 
 
 def _is_live(rec) -> bool:
@@ -308,3 +309,97 @@ def test_500_concurrent_splices(env, splicer):
     assert not [r for r in stats if _is_live(r)]
     assert len(stats) <= n
     assert all(r.bytes in set(sizes) for r in stats)
+
+
+def test_answer_and_fin_before_the_splice(env):
+    """A proxy's upstream answers and closes before the answer's splice
+    starts, while the upstream socket is already the drain of the request's
+    splice. Every byte of the answer must reach the client.
+
+    On bpf, being a drain gives the upstream socket a psock: FIONREAD then
+    reads 0 whatever its TCP queue holds, and a read can see EOF once before
+    the data (measured on 6.18; both lost the whole answer).
+    """
+    client, front = env.pair()
+    up, server = env.pair()
+    req = sosplice.splice(front, up)
+    answer = os.urandom(50_000)   # fits the receive window: all of it is queued
+    server.sendall(answer)
+    server.shutdown(socket.SHUT_WR)
+    wait_until(lambda: fionread_tcp(up) == len(answer), STEP, "answer queued on the upstream socket")
+    client.shutdown(socket.SHUT_WR)
+    resp = sosplice.splice(up, front)
+    assert resp.wait(STEP) == 0 and resp.bytes == len(answer)
+    front.shutdown(socket.SHUT_WR)
+    assert recv_until_eof(client) == answer
+    assert req.wait(STEP) == 0 and req.bytes == 0
+
+
+def fionread_tcp(s: socket.socket) -> int:
+    """Bytes in the TCP receive queue, read without FIONREAD (which a psock
+    answers for its own queue): MSG_PEEK of everything."""
+    try:
+        return len(s.recv(1 << 22, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return 0
+
+
+def test_answers_and_fins_racing_the_splice(env):
+    """The same race as a proxy meets it, many times: the upstream sends
+    its answer and FIN the moment it accepts, the client half-closes at
+    once, and the proxy splices both ways meanwhile."""
+    import concurrent.futures as cf
+    import random
+    import threading
+
+    lsock = env.track(socket.create_server(("127.0.0.1", 0), backlog=512))
+    answers: dict[int, bytes] = {}
+
+    def serve() -> None:
+        while True:
+            try:
+                s, _ = lsock.accept()
+            except OSError:
+                return
+            with s:
+                n = s.recv(4)
+                if len(n) < 4:
+                    return
+                i = int.from_bytes(n, "big")
+                s.sendall(answers[i])
+                s.shutdown(socket.SHUT_WR)
+                s.settimeout(STEP)
+                try:
+                    while s.recv(1 << 16):
+                        pass
+                except OSError:
+                    pass
+
+    def one(i: int) -> str | None:
+        answers[i] = random.Random(i).randbytes(random.Random(-i).randrange(1, 200_000))
+        client, front = tcp_pair()
+        up = socket.create_connection(lsock.getsockname(), timeout=STEP)
+        with client, front, up:
+            up.sendall(i.to_bytes(4, "big"))
+            client.shutdown(socket.SHUT_WR)
+            req = sosplice.splice(front, up)
+            resp = sosplice.splice(up, front)
+            if resp.wait(STEP) != 0:
+                return f"{i}: answer splice ended with {resp.error}"
+            front.shutdown(socket.SHUT_WR)
+            req.wait(STEP)
+            got = recv_until_eof(client)
+        return None if got == answers[i] else f"{i}: got {len(got)} of {len(answers[i])} bytes"
+
+    threads = [threading.Thread(target=serve, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        with cf.ThreadPoolExecutor(16) as ex:
+            bad = [r for r in ex.map(one, range(400)) if r]
+    finally:
+        lsock.shutdown(socket.SHUT_RDWR)
+        lsock.close()
+        for t in threads:
+            t.join(STEP)
+    assert not bad, bad[:5]

@@ -229,10 +229,10 @@ class SockmapSplicer(Splicer):
                        "splice before calling shutdown() on it")
         if state != _sock.TCP_ESTABLISHED:
             # CLOSE_WAIT: the peer sent FIN; the socket cannot join a map
-            # (KERNEL-NOTES 9). What is left in it, the controller copies.
-            rec.q_old = _sock.inq(rec.src)
-            rec.eof = True
+            # (KERNEL-NOTES 9), and nothing more can arrive: take what is
+            # left now, the controller sends it.
             self._prog.ctl[key(c)] = SpliceCtl(rec.dst_cookie, 0, _HOLD, 0)
+            self._prefetch(rec)
             return True
         # Resplice: the socket may hold bytes passed while it was not
         # spliced. Hold the verdict (pass everything) until they are counted.
@@ -251,10 +251,9 @@ class SockmapSplicer(Splicer):
             self._prog.sock_insert(self._prog.sources_fd, c, rec.src.fileno())
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP and _sock.tcp_state(rec.src) == _sock.TCP_CLOSE_WAIT:
-                # The peer's FIN arrived after _prefetch looked: no more
-                # data can come, so copy the rest like any CLOSE_WAIT source.
-                rec.q_old += _sock.inq(rec.src)
-                rec.eof = True
+                # The peer's FIN arrived after _prefetch looked: nothing
+                # more can come, so take the rest like any CLOSE_WAIT source.
+                self._prefetch(rec)
                 return True
             if e.errno == errno.EBUSY:
                 raise _err(errno.EBUSY, "source is already in another sockmap with a verdict "
@@ -297,12 +296,23 @@ class SockmapSplicer(Splicer):
         They count as queued before the start (q_old) and taken, so the
         verdict passes until they have been sent (invariant 1). True if
         the source must stay out of the map: EOF, or `max` already reached.
+        May be called again (the FIN arrived meanwhile): it adds to what
+        the first call took.
         """
-        chunks = []
-        want = rec.max or (1 << 62)
+        chunks = [rec.pending]
+        want = (rec.max - rec.taken) if rec.max else 1 << 62
         while want > 0:
             try:
                 data = rec.src.recv(min(want, COPY_CHUNK), socket.MSG_DONTWAIT)
+                if not data:
+                    # Not FIONREAD, and EOF only if a second read agrees: a
+                    # socket with a psock (it may be the drain of another
+                    # splice) reports 0 for FIONREAD, and can return EOF
+                    # once with the FIN's data still in its TCP queue
+                    # (tcp_bpf_recvmsg looks at that queue before it takes
+                    # the socket lock). Measured on 6.18:
+                    # tests/test_transfer.py::test_answer_and_fin_before_the_splice.
+                    data = rec.src.recv(min(want, COPY_CHUNK), socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 break
             if not data:
