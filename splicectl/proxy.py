@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import time
@@ -75,6 +76,13 @@ def _listen(addr: tuple[str, int], backlog: int, what: str) -> socket.socket:
         raise UsageError(f"cannot {what} on {fmt_addr(addr)}: {e.strerror}") from None
     ls.setblocking(False)
     return ls
+
+
+def _writable(s: socket.socket) -> bool:
+    """Whether a connecting socket has finished (either way), now."""
+    p = select.poll()
+    p.register(s, select.POLLOUT)
+    return bool(p.poll(0))
 
 
 def fmt_addr(sa: tuple | list | None) -> str:
@@ -370,7 +378,7 @@ class Proxy:
             c.upstream = None
 
     def _connected(self, c: Conn) -> None:
-        if c.closed or c.upstream is None:
+        if c.closed or c.spliced or c.upstream is None:
             return
         err = c.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -385,6 +393,11 @@ class Proxy:
         now = time.monotonic()
         for c in [c for c in self.conns.values() if not c.spliced and c.upstream is not None]:
             if now >= c.deadline:
+                if _writable(c.upstream):
+                    # Connected while this loop was busy elsewhere: the
+                    # event is still in the selector's queue.
+                    self._connected(c)
+                    continue
                 self._drop_upstream(c)
                 self._connect_failed(c, "connect timed out")
                 self._try_connect(c)

@@ -314,3 +314,51 @@ def test_top_in_tmux_shows_rows_and_quits_on_q(upstream, proxies):
         status.unlink(missing_ok=True)
         for s in conns:
             s.close()
+
+
+def test_completed_connects_survive_a_busy_loop(proxies):
+    """A connect that completed while the proxy's loop was busy with
+    hundreds of others is spliced, not timed out (--connect-timeout far
+    shorter than one busy round)."""
+    N = 500
+    up = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        up.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(up.accept()[0])
+            except OSError:
+                pass
+    t = threading.Thread(target=accept)
+    t.start()
+    clients: list[socket.socket] = []
+    try:
+        px = proxies("%s:%d" % up.getsockname(), "--connect-timeout", "0.05")
+        for _ in range(N):  # all at once: non-blocking connects
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(px.addr)
+            clients.append(c)
+        deadline = time.monotonic() + 20
+        while len(held) < N + 1 and time.monotonic() < deadline:  # +1: the start-up check
+            time.sleep(0.05)
+        time.sleep(0.5)
+        closed = 0
+        for c in clients:
+            c.setblocking(False)
+            try:
+                closed += c.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                closed += 1
+        assert (len(held), closed) == (N + 1, 0)
+    finally:
+        stop.set()
+        t.join()
+        up.close()
+        for s in clients + held:
+            s.close()
