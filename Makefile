@@ -5,8 +5,11 @@ PY := .venv/bin/python
 setup:
 	./scripts/setup.sh
 
+# Every contract test on both backends as root, then the worker backend's
+# again as an unprivileged user (nobody).
 test: setup
 	$(PY) -m pytest -q -m "not soak"
+	./scripts/test-unprivileged.sh
 
 soak: setup
 	$(PY) -m pytest -q -s -m soak
