@@ -650,8 +650,11 @@ def record(name: str, summary: dict) -> None:
         data = {}
     data[name] = summary
     tmp = RESULTS.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, RESULTS)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, RESULTS)
+    except PermissionError:
+        pass  # an unprivileged run in a root-owned checkout: printed below only
     brief = {k: summary[k] for k in ("transfers", "ok", "failures", "bytes", "duration_s", "seed")}
     print(f"\nsoak {name}: {json.dumps(brief)}")
 
