@@ -165,14 +165,29 @@ def start_peer(kind: str, upstream: int) -> tuple[int, subprocess.Popen | None]:
     return port, p
 
 
+def fd_hard_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+HAPROXY_MAXPIPES = 256
+
+
+def haproxy_maxconn() -> int:
+    """As many connections as the hard RLIMIT_NOFILE allows (2 fds each, plus
+    2 per pipe): HAProxy refuses to start if it cannot raise its limit to
+    what maxconn needs, and in a container root may not raise the hard one."""
+    return min(30000, (fd_hard_limit() - 2 * HAPROXY_MAXPIPES - 200) // 2)
+
+
 def haproxy_cfg(port: int, upstream: int, *, splice: bool) -> str:
     return f"""global
-    maxconn 30000
+    maxconn {haproxy_maxconn()}
+    maxpipes {HAPROXY_MAXPIPES}
     log stdout format raw local0 err
 
 defaults
     mode tcp
-    maxconn 30000
+    maxconn {haproxy_maxconn()}
     timeout connect 5s
     timeout client 120s
     timeout server 120s
@@ -406,6 +421,23 @@ def meminfo() -> dict[str, int]:
     return out
 
 
+def slab_objects() -> dict[str, int]:
+    """Bytes in use per slab cache (active_objs x objsize, /proc/slabinfo).
+
+    Counts objects, not pages: Slab in /proc/meminfo does not grow when new
+    objects land in slab pages that the previous peer's connections freed.
+    """
+    out = {}
+    try:
+        with open("/proc/slabinfo") as f:
+            for line in f.readlines()[2:]:
+                p = line.split()
+                out[p[0]] = out.get(p[0], 0) + int(p[1]) * int(p[3])
+    except OSError:
+        pass
+    return out
+
+
 def tree_pids(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
@@ -444,16 +476,20 @@ def tree_mem(pid: int) -> dict[str, int]:
     return {"rss_kib": rss, "pss_kib": pss, "procs": n}
 
 
-def memory_run(port: int, proc: subprocess.Popen | None, n: int, idle_s: float) -> dict:
+def memory_run(port: int, proc: subprocess.Popen | None, n: int, idle_s: float,
+               open_cap_s: float) -> dict:
     msg = os.urandom(100)
     time.sleep(0.5)
-    m0, r0 = meminfo(), (tree_mem(proc.pid) if proc else None)
+    m0, r0, sl0 = meminfo(), (tree_mem(proc.pid) if proc else None), slab_objects()
     socks: list[socket.socket] = []
     error = None
     t = time.monotonic()
     try:
         for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if time.monotonic() - t > open_cap_s:
+                error = f"gave up opening after {open_cap_s:.0f} s, at {len(socks)} connections"
+                break
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
             socks.append(s)
             s.sendall(msg)
             got = b""
@@ -471,7 +507,7 @@ def memory_run(port: int, proc: subprocess.Popen | None, n: int, idle_s: float) 
     c0 = proc_ticks(proc.pid) if proc else 0
     time.sleep(idle_s)       # the relay's CPU while the connections sit idle
     c1 = proc_ticks(proc.pid) if proc else 0
-    m1, r1 = meminfo(), (tree_mem(proc.pid) if proc else None)
+    m1, r1, sl1 = meminfo(), (tree_mem(proc.pid) if proc else None), slab_objects()
     # still alive and still relaying after the idle time? (a sample)
     alive = 0
     for s in socks[:: max(1, len(socks) // 50)]:
@@ -493,13 +529,19 @@ def memory_run(port: int, proc: subprocess.Popen | None, n: int, idle_s: float) 
     time.sleep(1.0)
     d = {k: m1[k] - m0[k] for k in m0}
     per = (lambda v: v / held if held else None)
+    sd = {k: sl1.get(k, 0) - sl0.get(k, 0) for k in set(sl0) | set(sl1)}
+    slab_obj_kib = sum(sd.values()) / 1024
+    top = sorted(sd.items(), key=lambda kv: -kv[1])[:10]
     out = {"requested": n, "held": held, "error": error, "open_s": open_s,
+           "open_per_s": held / open_s if open_s else None,
            "alive_checked": checked, "alive_ok": alive,
            "meminfo_before_kib": m0, "meminfo_after_kib": m1,
            "slab_delta_kib": d["Slab"], "sunreclaim_delta_kib": d["SUnreclaim"],
            "memavail_drop_kib": -d["MemAvailable"],
            "slab_kib_per_conn": per(d["Slab"]), "sunreclaim_kib_per_conn": per(d["SUnreclaim"]),
            "memavail_drop_kib_per_conn": per(-d["MemAvailable"]),
+           "slab_obj_delta_kib": slab_obj_kib, "slab_obj_kib_per_conn": per(slab_obj_kib) if sl0 else None,
+           "slab_obj_top_caches_kib": {k: v / 1024 for k, v in top},
            "idle_s": idle_s, "proxy_idle_cpu_pct": (c1 - c0) / TICK / idle_s * 100 if proc else 0.0}
     if r0 is not None and r1 is not None:
         out.update({"proxy_before": r0, "proxy_after": r1,
@@ -566,9 +608,12 @@ def tables(res: dict) -> str:
         rows.append(("setup errors", {p: str(st[p]["errors"]) for p in st}, ""))
     if mem:
         rows.append(("mem conns held", {p: str(mem[p]["held"]) for p in mem}, ""))
+        rows.append(("mem opened conn/s", {p: f(mem[p].get("open_per_s"), ".0f") for p in mem}, ""))
         rows.append(("mem proxy RSS MiB", {p: f(mem[p]["proxy_rss_kib"] / 1024, ".1f") for p in mem}, ""))
         rows.append(("mem RSS KiB/conn", {p: f(mem[p]["proxy_rss_kib_per_conn"], ".1f") for p in mem}, ""))
         rows.append(("mem PSS KiB/conn", {p: f(mem[p]["proxy_pss_kib_per_conn"], ".1f") for p in mem}, ""))
+        rows.append(("mem slab objs KiB/conn", {p: f(mem[p].get("slab_obj_kib_per_conn"), ".1f")
+                                                for p in mem}, ""))
         rows.append(("mem Slab KiB/conn", {p: f(mem[p]["slab_kib_per_conn"], ".1f") for p in mem}, ""))
         rows.append(("mem SUnrecl KiB/conn", {p: f(mem[p]["sunreclaim_kib_per_conn"], ".1f")
                                               for p in mem}, ""))
@@ -598,7 +643,9 @@ def tables(res: dict) -> str:
             for key, name in (("conn_per_s", "setup conn/s"), ("p50_us", "setup p50")):
                 rows.append((name, {p: fmt_ratio(st[p][key], st.get(ref, {}).get(key)) for p in st}, ""))
         if mem:
-            keys = [("memavail_drop_kib_per_conn", "mem MemAvail/conn"), ("slab_kib_per_conn", "mem Slab/conn")]
+            # MemAvailable per connection is left out of the ratios: on a shared
+            # machine other processes move it more than the connections do
+            keys = [("slab_obj_kib_per_conn", "mem slab objs/conn"), ("slab_kib_per_conn", "mem Slab/conn")]
             if ref != BASE:
                 keys = [("proxy_rss_kib_per_conn", "mem RSS/conn"), ("proxy_pss_kib_per_conn", "mem PSS/conn")] + keys
             for key, name in keys:
@@ -629,7 +676,9 @@ def plot(res: dict, path: str) -> None:
         return
     peers = res["peers"]
     tp, lat = res["throughput"], res["latency"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    st, mem = res.get("setup", {}), res.get("memory", {})
+    fig, grid = plt.subplots(2, 2, figsize=(12, 9))
+    axes = [grid[0][0], grid[0][1], grid[1][0], grid[1][1]]
     w = 0.8 / max(1, len(tp))
     for i, test in enumerate(tp):
         axes[0].bar([j + i * w for j in range(len(peers))],
@@ -642,10 +691,23 @@ def plot(res: dict, path: str) -> None:
                     [lat[test].get(p, {}).get(q, 0) for p in peers], w2, label=f"{test} {q}")
     axes[1].set_yscale("log")
     axes[1].set_title("ping-pong round trip (us, log, lower is better)")
+    axes[2].bar(range(len(peers)), [st.get(p, {}).get("conn_per_s", 0) for p in peers], 0.6,
+                label="conn/s")
+    axes[2].set_title("setup rate: short connections per second (higher is better)")
+    # MemAvailable is left out of the plot: other processes move it by more
+    # than the connections do on a shared machine (it is in the JSON)
+    mseries = [("proxy_rss_kib_per_conn", "proxy RSS"), ("proxy_pss_kib_per_conn", "proxy PSS"),
+               ("slab_obj_kib_per_conn", "kernel slab objects")]
+    w3 = 0.8 / len(mseries)
+    for i, (key, name) in enumerate(mseries):
+        axes[3].bar([j + i * w3 for j in range(len(peers))],
+                    [mem.get(p, {}).get(key) or 0 for p in peers], w3, label=name)
+    axes[3].set_title("memory per idle connection (KiB, lower is better)")
     for ax in axes:
-        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(peers))])
+        ax.set_xticks([j + 0.3 for j in range(len(peers))])
         ax.set_xticklabels(peers, rotation=20)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"sosplice bench ({res['mode']}), {res['machine']['nproc']} CPUs, "
                  f"Linux {res['machine']['kernel']}")
     fig.tight_layout()
@@ -658,7 +720,7 @@ def plot(res: dict, path: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--full", action="store_true", help="also -P 64, -R, 10x more round trips")
+    ap.add_argument("--full", action="store_true", help="also -P 64, -R, 10x more round trips, longer setup test, 10,000 idle connections")
     ap.add_argument("--seconds", type=int, default=5, help="iperf3 -t (default 5)")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
     ap.add_argument("--only", default=",".join(SECTIONS),
@@ -686,10 +748,11 @@ def main() -> int:
         tp_tests += [(64, False), (1, True), (8, True), (64, True)]
     setup_s = 10.0 if args.full else 3.0
     setup_procs, setup_threads = 2, 4
-    n_splice, splice_cap = (10000, 60.0) if args.full else (1000, 10.0)
+    n_splice, splice_cap = (10000, 60.0) if args.full else (1000, 10.0)   # lowered to the fd limit
     n_mem = 10000 if args.full else 2000
     socat_cap = 1000 if args.full else 500
     mem_idle_s = 5.0 if args.full else 3.0
+    mem_open_cap = 180.0 if args.full else 60.0
     n_rt = 50000 if args.full else 5000
     lat_tests = [(64, n_rt), (16384, n_rt)]
 
@@ -723,7 +786,9 @@ def main() -> int:
                    "setup_threads": setup_threads, "setup_msg_bytes": 100,
                    "splice_rate_n": n_splice, "splice_rate_cap_s": splice_cap,
                    "memory_conns": n_mem, "memory_socat_cap": socat_cap,
-                   "memory_idle_s": mem_idle_s, "memory_msg_bytes": 100},
+                   "memory_idle_s": mem_idle_s, "memory_msg_bytes": 100,
+                   "memory_open_cap_s": mem_open_cap, "fd_hard_limit": fd_hard_limit(),
+                   "haproxy_maxconn": haproxy_maxconn(), "haproxy_maxpipes": HAPROXY_MAXPIPES},
         "errors": [],
     }
     t_start = time.monotonic()
@@ -819,19 +884,33 @@ def main() -> int:
                 res["errors"].append(f"splice rate {backend}: {e}")
                 print(f"!! splice rate {backend}: {e}", flush=True)
 
+        # One count for every peer, as far as the fd limit lets the proxy hold
+        # it: 2 sockets per connection; a sosplice engine also holds a dup of
+        # both sockets of each splice (bpf: 6 fds per connection), and the
+        # worker backend a pipe per splice too (10). socat is capped (it
+        # forks a process per connection).
+        hard = fd_hard_limit()
+        n_common = min(n_mem, (hard - 300) // 2, haproxy_maxconn() - 50)
         for kind in peers if "memory" in only else []:
-            n = min(n_mem, socat_cap) if kind == "socat" else n_mem
+            n = n_common
+            if kind == "socat":
+                n = min(n, socat_cap)
+            elif kind == "sosplice":
+                n = min(n, (hard - 300) // 6)
+            elif kind == "sosplice-worker":
+                n = min(n, (hard - 300) // 10)
             try:
                 port, proc = start_peer(kind, up_port)
             except Exception as e:  # noqa: BLE001
                 res["errors"].append(f"{kind}: start failed: {e}")
                 continue
             try:
-                r = memory_run(port, proc, n, mem_idle_s)
+                r = memory_run(port, proc, n, mem_idle_s, mem_open_cap)
                 res["memory"][kind] = r
                 print(f"{kind:>15} memory {r['held']:6d} conns  proxy RSS {r['proxy_rss_kib'] / 1024:7.1f} MiB "
                       f"({r['proxy_rss_kib_per_conn']:.1f} KiB/conn)  slab "
-                      f"{r['slab_kib_per_conn']:.1f} KiB/conn  MemAvail "
+                      f"{r['slab_kib_per_conn']:.1f} KiB/conn  slab objs "
+                      f"{r['slab_obj_kib_per_conn'] or 0:.1f} KiB/conn  MemAvail "
                       f"{r['memavail_drop_kib_per_conn']:.1f} KiB/conn  idle CPU "
                       f"{r['proxy_idle_cpu_pct']:.1f}%  alive {r['alive_ok']}/{r['alive_checked']}"
                       f"{'  ' + r['error'] if r['error'] else ''}", flush=True)

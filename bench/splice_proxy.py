@@ -84,6 +84,9 @@ def main() -> int:
                                 cs, _addr = ls.accept()
                             except BlockingIOError:
                                 break
+                            except OSError as e:   # EMFILE: leave it queued
+                                print(f"accept failed: {e}", file=sys.stderr, flush=True)
+                                break
                             cs.setblocking(True)
                             up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                             try:
