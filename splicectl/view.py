@@ -1,8 +1,9 @@
 """`splicectl ls` and `splicectl top`: every splice on this host.
 
 Each sosplice engine writes a JSON snapshot of its splices to
-$SOSPLICE_RUN_DIR (default /run/sosplice)/<pid>-<id>.json every 0.2 s.
-`read_snapshot()` gathers them into one immutable `Snapshot`; `render()` is
+$SOSPLICE_RUN_DIR (default /run/sosplice)/<pid>-<id>.json every 0.2 s while
+a viewer keeps touching $SOSPLICE_RUN_DIR/watch (`ask()`), so engines spend
+nothing on it when nobody looks. `read_snapshot()` gathers them into one immutable `Snapshot`; `render()` is
 a pure function of a snapshot, so `ls`, `top` and `demo` draw the same
 table.
 """
@@ -154,6 +155,38 @@ def snapshot_from_docs(docs: Iterable[dict], prev: Snapshot | None = None) -> Sn
     return Snapshot(time=now, rows=tuple(rows), engines=n, stamps=tuple(stamps))
 
 
+def ask(run_dir: str = RUN_DIR) -> float:
+    """Ask every engine to publish for the next few seconds; return when.
+
+    Best effort: without write access to `run_dir` the engines publish
+    only while someone else asks.
+    """
+    now = time.time()
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, "watch")
+        with open(path, "a"):
+            pass
+        os.utime(path, (now, now))
+    except OSError:
+        pass
+    return now
+
+
+def read_fresh_docs(run_dir: str = RUN_DIR, pids: Iterable[int] = (),
+                    wait: float = 1.0) -> list[dict]:
+    """`ask()`, then the snapshots once every engine with splices has
+    answered (or after `wait` seconds, with what there is)."""
+    asked = ask(run_dir)
+    deadline = time.monotonic() + wait
+    while True:
+        docs = read_docs(run_dir, pids)
+        stale = [d for d in docs if d.get("splices") and d.get("time", 0) < asked]
+        if not stale or time.monotonic() >= deadline:
+            return docs
+        time.sleep(0.05)
+
+
 def read_docs(run_dir: str = RUN_DIR, pids: Iterable[int] = ()) -> list[dict]:
     """The live engines' snapshots; only those of `pids` if any are given."""
     pids = set(pids)
@@ -283,7 +316,7 @@ def _console(wide: bool) -> Console:
 # -- commands ------------------------------------------------------------------
 
 def ls(args) -> int:
-    snap = read_snapshot(pids=args.pid)
+    snap = snapshot_from_docs(read_fresh_docs(pids=args.pid))
     if getattr(args, "json", False):
         rows = sorted(snap.rows, key=SORT_KEYS[args.sort])
         json.dump([r.as_json() for r in rows], sys.stdout, indent=1)
@@ -332,7 +365,7 @@ def top(args) -> int:
     console = _console(args.wide)
     sort = args.sort
     keys = _Keys()
-    snap = read_snapshot(pids=args.pid)
+    snap = snapshot_from_docs(read_fresh_docs(pids=args.pid))
     n = 0
     try:
         with Live(console=console, auto_refresh=False, transient=False) as live:
@@ -356,6 +389,7 @@ def top(args) -> int:
                                            -1 if args.all else 10), refresh=True)
                 if quit_:
                     break
+                ask()
                 snap = read_snapshot(snap, pids=args.pid)
     except KeyboardInterrupt:
         pass

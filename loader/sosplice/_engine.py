@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import builtins
 import collections
-import dataclasses
 import errno
 import json
 import math
@@ -45,8 +44,12 @@ BACKENDS = ("bpf", "worker", "auto")
 CLOSE_SWEEP = 0.2
 # How long dissolved splices stay visible in stats().
 RECENT = 60.0
-# Where engines publish snapshots for `splicectl ls` and `top`.
+# Where engines publish snapshots for `splicectl ls` and `top`, while a
+# viewer keeps touching WATCH; at most SNAPSHOT_SHARE of the time goes to it.
 RUN_DIR = os.environ.get("SOSPLICE_RUN_DIR", "/run/sosplice")
+WATCH = os.path.join(RUN_DIR, "watch")
+WATCH_TTL = 5.0
+SNAPSHOT_SHARE = 0.02
 
 
 def _err(code: int, msg: str) -> OSError:
@@ -166,6 +169,7 @@ class Splicer:
         self._closing = False     # close() has begun: no new splice
         self._snapshot_path = os.path.join(RUN_DIR, f"{os.getpid()}-{id(self):x}.json")
         self._snapshot_written = False
+        self._snapshot_next = 0.0         # time.monotonic() of the next one allowed
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     # -- public API ---------------------------------------------------------
@@ -364,29 +368,53 @@ class Splicer:
         if len(self._last) > 4 * len(self._live) + 1024:
             self._expire_more(cutoff)
 
-    def _publish_snapshot(self) -> None:
-        """Write this engine's splices where `splicectl ls/top` finds them.
+    def _snapshot(self) -> dict | None:
+        """This engine's splices for `splicectl ls/top`, if one is watching.
 
-        One JSON file per engine under RUN_DIR, replaced atomically every
-        CLOSE_SWEEP while there is anything to show, removed on close.
+        Called under the lock every CLOSE_SWEEP; the caller writes the
+        result with `_write_snapshot` after releasing it. Nothing is built
+        unless a viewer touched RUN_DIR/watch in the last WATCH_TTL
+        seconds, and never more often than SNAPSHOT_SHARE of the time the
+        last one took: a snapshot of thousands of splices costs
+        milliseconds, which must not slow the splices themselves.
         """
+        now_s = time.monotonic()
+        if now_s < self._snapshot_next:
+            return None
+        try:
+            watched = time.time() - os.stat(WATCH).st_mtime < WATCH_TTL
+        except OSError:
+            watched = False
+        if not watched:
+            self._snapshot_next = now_s + CLOSE_SWEEP
+            return None
         if not self._live and not self._recent and not self._snapshot_written:
-            return
+            return None
         now = time.monotonic_ns()
-        for rec in self._live.values():
-            self._refresh(rec)
-        rows = [dataclasses.asdict(self._info(r, now)) for r in [*self._live.values(), *self._recent]]
-        doc = {"pid": os.getpid(), "backend": self.backend, "time": time.time(),
-               "cmdline": _cmdline(), "splices": rows}
+        rows = []
+        for rec in [*self._live.values(), *self._recent]:
+            if rec.state is not State.DONE:
+                self._refresh(rec)
+            rows.append(self._info(rec, now).__dict__)
+        self._snapshot_next = now_s + builtins.max(CLOSE_SWEEP, (time.monotonic() - now_s) / SNAPSHOT_SHARE)
+        return {"pid": os.getpid(), "backend": self.backend, "time": time.time(),
+                "cmdline": _cmdline(), "splices": rows}
+
+    def _write_snapshot(self, doc: dict | None) -> None:
+        """Replace this engine's snapshot file atomically (no lock needed)."""
+        if doc is None:
+            return
+        t0 = time.monotonic()
         try:
             os.makedirs(RUN_DIR, exist_ok=True)
             tmp = self._snapshot_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(doc, f, default=str)
             os.replace(tmp, self._snapshot_path)
-            self._snapshot_written = bool(rows)
+            self._snapshot_written = bool(doc["splices"])
         except OSError:
             pass
+        self._snapshot_next += (time.monotonic() - t0) / SNAPSHOT_SHARE
 
     def _remove_snapshot(self) -> None:
         try:

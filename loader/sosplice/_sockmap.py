@@ -348,6 +348,7 @@ class SockmapSplicer(Splicer):
                 events = self._ep.poll(timeout)
             except (OSError, ValueError):
                 return
+            snapshot = None
             with self._lock:
                 if self._closed:
                     return
@@ -375,10 +376,11 @@ class SockmapSplicer(Splicer):
                     next_sweep = time.monotonic() + CLOSE_SWEEP
                     self._sweep_closed()
                     self._expire_recent()
-                    self._publish_snapshot()
+                    snapshot = self._snapshot()
                 for rec in work:
                     if rec.state is not State.DONE:
                         self._move(rec)
+            self._write_snapshot(snapshot)
 
     def _timeout(self, next_sweep: float) -> float:
         t = next_sweep - time.monotonic()

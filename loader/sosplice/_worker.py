@@ -289,7 +289,8 @@ class _Worker:
         if self.n == 0:
             with self.engine._lock:
                 self.engine._expire_recent()
-                self.engine._publish_snapshot()
+                snapshot = self.engine._snapshot()
+            self.engine._write_snapshot(snapshot)
 
     # -- transitions (on this worker's thread only) -------------------------
 
