@@ -862,7 +862,11 @@ def test_slow_reader_memory_bounded(env, splicer, seconds):
     assert max(inflight[-third:]) <= max(inflight[:third]) + 8 * MiB, \
         f"in-flight bytes grew: {inflight}"
     assert rd.count >= rate * elapsed * 0.3, "the reader made too little progress"
-    assert fell < 512 * MiB, f"MemAvailable fell by {fell / MiB:.0f} MiB"
+    # MemAvailable is machine-wide and other test runs share the machine:
+    # only a gross leak shows there; the in-flight bound above is the
+    # precise check.
+    limit = 512 * MiB if seconds <= 30 else 2048 * MiB
+    assert fell < limit, f"MemAvailable fell by {fell / MiB:.0f} MiB"
     # End: the reader speeds up, the writer stops and half-closes.
     rd.rate = None
     wr.stop()
