@@ -178,13 +178,17 @@ def read_fresh_docs(run_dir: str = RUN_DIR, pids: Iterable[int] = (),
     """`ask()`, then the snapshots once every engine with splices has
     answered (or after `wait` seconds, with what there is)."""
     asked = ask(run_dir)
+    # An engine that has never published has no file to wait for: give
+    # every engine one publishing period (0.2 s) to answer.
+    first = time.monotonic() + 0.3
     deadline = time.monotonic() + wait
     while True:
+        time.sleep(0.05)
         docs = read_docs(run_dir, pids)
         stale = [d for d in docs if d.get("splices") and d.get("time", 0) < asked]
-        if not stale or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= first and not stale or now >= deadline:
             return docs
-        time.sleep(0.05)
 
 
 def read_docs(run_dir: str = RUN_DIR, pids: Iterable[int] = ()) -> list[dict]:
