@@ -967,6 +967,7 @@ class Netns:
                                 stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root")
 def test_proxy_across_namespaces_small_mtu():
     total = 64 * MiB
     seed_c, seed_s = 901, 902
