@@ -404,10 +404,6 @@ def test_source_peer_sees_app_close(env, splicer, backend, reader, request):
     """CONTRACT 10: the peers see the close. A socket closed with bytes it
     never read resets its peer, so the source's peer, still pushing, gets
     ECONNRESET/EPIPE at once (as without a splice: ~0.5 s here)."""
-    if backend == "bpf" and reader == "paused":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: bpf: a throttled source closed by the app sends FIN, not RST (its "
-            "unread bytes sit in the psock queue); the peer's writes hang > 60 s")))
     L0, R0, R1, sp, wr, rd, closed_at = _close_source_mid_transfer(env, splicer, reader,
                                                                   Stream(34))
     assert sp.wait(timeout=30) == 0

@@ -352,14 +352,19 @@ class Splicer:
         Closing the source ends the stream (0); closing the drain leaves
         nowhere to send (EPIPE).
         """
-        for fd, ino in zip(rec.user_fds, rec.inodes):
-            try:
-                same = os.fstat(fd).st_ino == ino
-            except OSError:
-                same = False
-            if not same:
-                return 0 if fd == rec.user_fds[0] else errno.EPIPE
+        if self._app_closed(rec, 0):
+            return 0
+        if self._app_closed(rec, 1):
+            return errno.EPIPE
         return None
+
+    @staticmethod
+    def _app_closed(rec: SpliceRecord, end: int) -> bool:
+        """Whether the application closed its fd of the source (0) or drain (1)."""
+        try:
+            return os.fstat(rec.user_fds[end]).st_ino != rec.inodes[end]
+        except OSError:
+            return True
 
     def _expire_recent(self) -> None:
         cutoff = time.monotonic_ns() - int(RECENT * 1e9)

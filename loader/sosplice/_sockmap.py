@@ -30,6 +30,7 @@ import heapq
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class SockmapSplicer(Splicer):
         self._max_sockets = max_sockets
         self._byfd: dict[int, SockmapRecord] = {}       # our dup's fd -> record
         self._sources: set[int] = set()                 # cookies we put in `sources`
+        self._reset_on_close: set[int] = set()          # see _finish
         self._timers: list[tuple[int, int, SockmapRecord]] = []  # (when, id, record)
         self._ep = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -605,12 +607,25 @@ class SockmapSplicer(Splicer):
             self._prog.sock_delete(self._prog.sources_fd, rec.src_cookie)
             self._sources.discard(rec.src_cookie)
             _CLAIMED.pop(rec.src_cookie, None)
-        for s in (rec.src, rec.dst):
+        if rec.fifo > 0 and self._app_closed(rec, 0):
+            self._reset_on_close.add(rec.src_cookie)
+        for s, c in ((rec.src, rec.src_cookie), (rec.dst, rec.dst_cookie)):
             self._byfd.pop(s.fileno(), None)
             try:
                 self._ep.unregister(s.fileno())
             except OSError:
                 pass
+            others = self._live.get(c, rec) is not rec or self._drains.get(c, rec) is not rec
+            if c in self._reset_on_close and not others:
+                self._reset_on_close.discard(c)
+                if _sock.progress(s)[2] == 0:
+                    # The application closed a source with bytes it never
+                    # read, which sit in the psock queue where tcp_close()
+                    # does not look: reset its peer, as a socket closed
+                    # with unread data does, rather than send a FIN it
+                    # would wait behind (only with nothing left to send:
+                    # moved bytes still reach the other peer).
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.close()
         self._report(rec)
 
