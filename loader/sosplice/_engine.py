@@ -40,8 +40,10 @@ MIN_BACKLOG_CAP = 64 << 10
 # The bpf backend sizes the drain's SO_SNDBUF to twice the cap, an int.
 MAX_BACKLOG_CAP = 256 << 20
 BACKENDS = ("bpf", "worker", "auto")
-# How often to check whether the application has closed a spliced fd.
+# How often to check whether the application has closed a spliced fd (two
+# fstat() per splice), unless that takes more than SWEEP_SHARE of the time.
 CLOSE_SWEEP = 0.2
+SWEEP_SHARE = 0.02
 # How long dissolved splices stay visible in stats().
 RECENT = 60.0
 # Where engines publish snapshots for `splicectl ls` and `top`, while a
@@ -92,6 +94,12 @@ def _check_socket(fd: int, what: str) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def _next_sweep(started: float) -> float:
+    """When the next sweep that began at `started` (monotonic) may run."""
+    took = time.monotonic() - started
+    return started + builtins.max(CLOSE_SWEEP, took / SWEEP_SHARE)
 
 
 def _idle_ns(idle: float | None) -> int:

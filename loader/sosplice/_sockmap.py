@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from . import _sock
 from ._bpf import Programs
-from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err
+from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err, _next_sweep
 from ._maps import U64, SpliceCtl, SpliceEvent, SpliceStats, key
 from ._splice import Splice, SpliceRecord, State
 
@@ -374,11 +374,11 @@ class SockmapSplicer(Splicer):
                 now = time.monotonic_ns()
                 while self._timers and self._timers[0][0] <= now:
                     work.add(heapq.heappop(self._timers)[2])
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + CLOSE_SWEEP
+                if (t0 := time.monotonic()) >= next_sweep:
                     self._sweep_closed()
                     self._expire_recent()
                     snapshot = self._snapshot()
+                    next_sweep = _next_sweep(t0)
                 for rec in work:
                     if rec.state is not State.DONE:
                         self._move(rec)

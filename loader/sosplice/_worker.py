@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import _sock
-from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err
+from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err, _next_sweep
 from ._splice import Splice, SpliceRecord, State
 
 SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
@@ -255,9 +255,9 @@ class _Worker:
                 rec = heapq.heappop(self.timers)[2]
                 rec.idle_at = 0
                 work.add(rec)
-            if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + CLOSE_SWEEP
+            if (t0 := time.monotonic()) >= next_sweep:
                 self.sweep()
+                next_sweep = _next_sweep(t0)
             for rec in work:
                 if rec in self.recs:
                     self.guard(lambda: self.step(rec), rec)
