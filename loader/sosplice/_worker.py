@@ -70,7 +70,8 @@ class PipeRecord(SpliceRecord):
     worker: _Worker                # [I] the thread that owns this splice
     pipe_r: int                    # [I] the splice's pipe: read end ...
     pipe_w: int                    # [I] ... and write end
-    pipe_size: int                 # [I] its capacity in bytes
+    pipe_size: int                 # [W] its capacity in bytes: grows when it fills
+    grown: bool = False            # [W] the pipe was grown (or refused to)
     taken: int = 0                 # [W] bytes spliced from the source into the pipe
     sent: int = 0                  # [W] ... and from the pipe into the drain
     eof: bool = False              # [W] the source returned end of stream
@@ -102,7 +103,7 @@ class WorkerSplicer(Splicer):
     def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
                  max_sockets: int = 65536) -> None:
         super().__init__(backlog_cap=backlog_cap)
-        self._pipe_size = min(backlog_cap, PIPE_MAX)
+        self._pipe_max = min(backlog_cap, PIPE_MAX)
         # inode -> [splices using the socket, was it blocking before]
         self._nonblock: dict[int, list] = {}
         n = len(os.sched_getaffinity(0)) or 1
@@ -144,10 +145,6 @@ class WorkerSplicer(Splicer):
         self._next += 1
         pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            try:
-                fcntl.fcntl(pipe_w, F_SETPIPE_SZ, self._pipe_size)
-            except OSError:
-                pass  # EPERM past pipe-max-size or the per-user pipe budget: keep the default
             rec = PipeRecord(
                 handle=Splice(self), src=src, dst=dst, src_cookie=_sock.cookie(src),
                 dst_cookie=_sock.cookie(dst), user_fds=user_fds, inodes=inodes, max=max,
@@ -347,6 +344,8 @@ class _Worker:
                         rec.taken += n
                         rec.last_ns = time.monotonic_ns()
                         moved += n
+                        if n == room and not rec.grown:
+                            self.grow_pipe(rec)
             if not moved:
                 break
             budget -= moved
@@ -421,6 +420,20 @@ class _Worker:
             rec.want_out = on
             ev = select.EPOLLOUT | select.EPOLLET if on else select.EPOLLET
             self.ep.modify(rec.dst.fileno(), ev)
+
+    def grow_pipe(self, rec: PipeRecord) -> None:
+        """A splice that fills its pipe gets the full size (up to 1 MiB).
+
+        Pipes start at the kernel's default (64 KiB): an idle or chatty
+        splice keeps 16 pipe slots, not 256, and a bulk one grows on its
+        first full pipe, where bigger steps pay off.
+        """
+        try:
+            fcntl.fcntl(rec.pipe_w, F_SETPIPE_SZ, self.engine._pipe_max)
+        except OSError:
+            pass  # EPERM past pipe-max-size or the per-user pipe budget: keep it
+        rec.pipe_size = fcntl.fcntl(rec.pipe_w, F_GETPIPE_SZ)
+        rec.grown = True
 
     def arm_idle(self, rec: PipeRecord, when_ns: int) -> None:
         rec.idle_at = when_ns
