@@ -116,9 +116,17 @@ def tcp_written(sock: socket.socket) -> int:
 
     (KERNEL-NOTES 4: what a drain has taken from the splice.)
     """
-    info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 128)
-    acked = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
-    return acked + outq(sock)
+    def acked() -> int:
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 128)
+        return struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
+
+    # Two readings: an ACK between them moves bytes from SIOCOUTQ to acked.
+    # `acked` only grows, so equal readings around SIOCOUTQ make an exact sum.
+    while True:
+        before = acked()
+        queued = outq(sock)
+        if acked() == before:
+            return before + queued
 
 
 def readable(sock: socket.socket | int, wait: float = 0.0) -> bool:
