@@ -195,6 +195,10 @@ def read_docs(run_dir: str = RUN_DIR, pids: Iterable[int] = ()) -> list[dict]:
     """The live engines' snapshots; only those of `pids` if any are given."""
     pids = set(pids)
     docs = []
+    for path in glob.glob(os.path.join(run_dir, "*.json.tmp")):
+        pid = os.path.basename(path).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(path)  # a killed process's unfinished write
     for path in sorted(glob.glob(os.path.join(run_dir, "*.json"))):
         try:
             with open(path) as f:
@@ -202,10 +206,21 @@ def read_docs(run_dir: str = RUN_DIR, pids: Iterable[int] = ()) -> list[dict]:
         except (OSError, ValueError):
             continue  # being replaced, or removed: the next reading has it
         pid = doc.get("pid")
-        if not isinstance(pid, int) or not _alive(pid) or pids and pid not in pids:
+        if isinstance(pid, int) and not _alive(pid):
+            _remove(path)  # left by a process that was killed
+            _remove(path + ".tmp")
+            continue
+        if not isinstance(pid, int) or pids and pid not in pids:
             continue
         docs.append(doc)
     return docs
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def read_snapshot(prev: Snapshot | None = None, run_dir: str = RUN_DIR,
