@@ -419,9 +419,12 @@ class Sender(Worker):
             if self.hash is not None:
                 self.hash.update(v[:k])
             self.sent += k
+        self.after_last_byte()
+        self.done = True
+
+    def after_last_byte(self) -> None:
         if self.shutdown:
             self.sock.shutdown(socket.SHUT_WR)
-        self.done = True
 
 
 class Receiver(Worker):

@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 
 import sosplice
-from conftest import (STEP_TIMEOUT, Env, Stream, Worker, _check_nonblocking_fd, recv_until_eof,
+from conftest import (STEP_TIMEOUT, Env, Sender, Stream, Worker, _check_nonblocking_fd, recv_until_eof,
                       sha, unsplice, wait_until)
 
 MiB = 1 << 20
@@ -126,53 +126,28 @@ def mem_available() -> int:
 # fd that another thread has closed.
 
 
-class Writer(Worker):
-    """Send `total` bytes of `stream` on `sock`, then `after`:
-    "none", "shutdown" (SHUT_WR), "close" (a normal close) or "reset"
-    (SO_LINGER 0 + close: the peer gets an RST). `sent` is exact.
-    A reset or EPIPE from the peer ends it quietly (`failed`).
-    With `gate_at`, it pauses at that offset until `gate` is set."""
+class Writer(Sender):
+    """A `Sender` that a peer's reset or EPIPE ends quietly (`failed`), and
+    that after its last byte does `after`: "none", "shutdown" (SHUT_WR),
+    "close" (a normal close) or "reset" (SO_LINGER 0 + close: the peer
+    gets an RST)."""
 
     def __init__(self, sock: socket.socket, stream: Stream, total: int, *, after: str = "none",
                  gate_at: int | None = None, deadline: float = 120.0) -> None:
-        super().__init__("writer", deadline)
-        _check_nonblocking_fd(sock)
-        self.sock, self.fd, self.stream, self.total = sock, sock.fileno(), stream, total
+        super().__init__(sock, stream, total, shutdown=after == "shutdown", gate_at=gate_at,
+                         deadline=deadline, hash_sent=False, reset_ok=True)
         self.after = after
-        self.gate_at, self.gate = gate_at, threading.Event()
-        self.sent = 0
-        self.done = False
-        self.failed: OSError | None = None
 
-    def work(self) -> None:
-        p = select.poll()
-        p.register(self.fd, select.POLLOUT)
-        while self.sent < self.total:
-            if self._expired():
-                return
-            if self.gate_at is not None and self.sent >= self.gate_at and not self.gate.is_set():
-                self.gate.wait(0.05)
-                continue
-            n = min(1 << 20, self.total - self.sent)
-            if self.gate_at is not None and self.sent < self.gate_at:
-                n = min(n, self.gate_at - self.sent)
-            try:
-                k = os.write(self.fd, self.stream.view(self.sent, n))
-            except (BlockingIOError, InterruptedError):
-                p.poll(50)
-                continue
-            except (BrokenPipeError, ConnectionResetError) as e:
-                self.failed = e
-                return
-            self.sent += k
-        if self.after == "shutdown":
-            self.sock.shutdown(socket.SHUT_WR)
-        elif self.after == "close":
-            self.sock.close()
-        elif self.after == "reset":
+    @property
+    def failed(self) -> OSError | None:
+        return self.reset
+
+    def after_last_byte(self) -> None:
+        super().after_last_byte()
+        if self.after == "reset":
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        if self.after in ("close", "reset"):
             self.sock.close()
-        self.done = True
 
 
 class Reader(Worker):
