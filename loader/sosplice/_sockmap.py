@@ -163,9 +163,10 @@ class SockmapSplicer(Splicer):
 
     # -- start --------------------------------------------------------------
 
-    def _start(self, src: socket.socket, dst: socket.socket, user_fds: tuple[int, int],
-               inodes: tuple[int, int], max: int, idle_ns: int) -> SockmapRecord:
-        scookie, dcookie = _sock.cookie(src), _sock.cookie(dst)
+    def _start(self, src: socket.socket, dst: socket.socket, cookies: tuple[int, int],
+               user_fds: tuple[int, int], inodes: tuple[int, int], max: int,
+               idle_ns: int) -> SockmapRecord:
+        scookie, dcookie = cookies
         state, acked, queued = _sock.progress(dst)
         base = acked + queued
         if state not in _sock.CAN_SEND:
@@ -284,13 +285,19 @@ class SockmapSplicer(Splicer):
             raise _err(errno.EBUSY, "source is already in another sosplice engine's sockmap; "
                        "splice a socket through one engine only")
         if len(self._sources) >= self._max_sockets:
-            alive = self._prog.sock_keys(self._prog.sources_fd)
-            for gone in self._sources - alive:
-                _CLAIMED.pop(gone, None)
-            self._sources &= alive
+            self._prune_sources()
             if len(self._sources) >= self._max_sockets:
                 raise _err(errno.ENOSPC, f"the sockmap is full ({self._max_sockets} sources); "
                            "create the Splicer with a larger max_sockets")
+
+    def _prune_sources(self) -> set[int]:
+        """Forget sources the kernel dropped from the map (closed); return
+        the cookies still in it."""
+        alive = self._prog.sock_keys(self._prog.sources_fd)
+        for gone in self._sources - alive:
+            _CLAIMED.pop(gone, None)
+        self._sources &= alive
+        return alive
 
     def _prefetch(self, rec: SockmapRecord) -> bool:
         """Take the bytes queued on a fresh source into `pending`.
@@ -632,10 +639,7 @@ class SockmapSplicer(Splicer):
     def _expire_more(self, cutoff: int) -> None:
         # Forget the last count of sockets that are gone: a source leaves
         # `sources` only when closed (or after EOF, when it was deleted).
-        alive = self._prog.sock_keys(self._prog.sources_fd)
-        for c in self._sources - alive:
-            _CLAIMED.pop(c, None)
-        self._sources &= alive
+        alive = self._prune_sources()
         for c in [c for c, r in self._last.items() if c not in alive and r.done_ns < cutoff]:
             del self._last[c]
             self._unreported.pop(c, None)
