@@ -58,9 +58,13 @@ def _err(code: int, msg: str) -> OSError:
     return OSError(code, f"{os.strerror(code)}: {msg}")
 
 
-def _fd_of(obj: object, what: str) -> int:
+def _check_sock_type(obj: object, what: str) -> None:
     if isinstance(obj, bool) or not isinstance(obj, (int, socket.socket)):
         raise TypeError(f"{what} must be a socket.socket or an int fd, not {type(obj).__name__}")
+
+
+def _fd_of(obj: object, what: str) -> int:
+    _check_sock_type(obj, what)
     fd = obj if isinstance(obj, int) else obj.fileno()
     if fd < 0:
         raise _err(errno.EBADF, f"{what} is closed")
@@ -187,10 +191,8 @@ class Splicer:
         """Splice `source` into `drain`: see `sosplice.splice`."""
         # Types, then values, then the sockets: a bad argument is reported
         # the same way whatever state the sockets are in.
-        if isinstance(source, bool) or not isinstance(source, (int, socket.socket)):
-            raise TypeError(f"source must be a socket.socket or an int fd, not {type(source).__name__}")
-        if isinstance(drain, bool) or not isinstance(drain, (int, socket.socket)):
-            raise TypeError(f"drain must be a socket.socket or an int fd, not {type(drain).__name__}")
+        _check_sock_type(source, "source")
+        _check_sock_type(drain, "drain")
         if isinstance(max, bool) or not isinstance(max, int):
             raise TypeError(f"max must be an int byte count, not {type(max).__name__}")
         if idle is not None and (isinstance(idle, bool) or not isinstance(idle, (int, float))):
@@ -222,7 +224,7 @@ class Splicer:
                     raise _err(errno.EBUSY, "source is already spliced; unsplice it first")
                 if dcookie in self._drains:
                     raise _err(errno.EBUSY, "drain is already fed by another splice")
-                rec = self._start(src, dst, (sfd, dfd), (sino, dino), max, idle_ns)
+                rec = self._start(src, dst, (scookie, dcookie), (sfd, dfd), (sino, dino), max, idle_ns)
                 self._live[scookie] = rec
                 self._drains[dcookie] = rec
                 self._last.pop(scookie, None)
@@ -307,8 +309,9 @@ class Splicer:
 
     # -- what a backend provides --------------------------------------------
 
-    def _start(self, src: socket.socket, dst: socket.socket, user_fds: tuple[int, int],
-               inodes: tuple[int, int], max: int, idle_ns: int) -> SpliceRecord:
+    def _start(self, src: socket.socket, dst: socket.socket, cookies: tuple[int, int],
+               user_fds: tuple[int, int], inodes: tuple[int, int], max: int,
+               idle_ns: int) -> SpliceRecord:
         """Set up the data path (under the lock); the record is not live yet."""
         raise NotImplementedError
 

@@ -134,8 +134,8 @@ class WorkerSplicer(Splicer):
 
     # -- what the base class asks of a backend ------------------------------
 
-    def _start(self, src: socket.socket, dst: socket.socket, user_fds: tuple[int, int],
-               inodes: tuple[int, int], max: int, idle_ns: int) -> PipeRecord:
+    def _start(self, src: socket.socket, dst: socket.socket, cookies: tuple[int, int],
+               user_fds: tuple[int, int], inodes: tuple[int, int], max: int, idle_ns: int) -> PipeRecord:
         if _sock.tcp_state(dst) not in _sock.CAN_SEND:
             raise _err(errno.EPIPE, "drain can no longer send")
         if _sock.tcp_state(src) not in _sock.CAN_SEND:
@@ -143,26 +143,24 @@ class WorkerSplicer(Splicer):
                        "splice before calling shutdown() on it")
         worker = self._workers[self._next % len(self._workers)]
         self._next += 1
+        held, held_ok = ((src, inodes[0]), (dst, inodes[1])), []
         pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             rec = PipeRecord(
-                handle=Splice(self), src=src, dst=dst, src_cookie=_sock.cookie(src),
-                dst_cookie=_sock.cookie(dst), user_fds=user_fds, inodes=inodes, max=max,
+                handle=Splice(self), src=src, dst=dst, src_cookie=cookies[0],
+                dst_cookie=cookies[1], user_fds=user_fds, inodes=inodes, max=max,
                 idle_ns=idle_ns, started_ns=time.monotonic_ns(),
                 addrs=((src.getsockname(), src.getpeername()), (dst.getsockname(), dst.getpeername())),
                 worker=worker, pipe_r=pipe_r, pipe_w=pipe_w,
                 pipe_size=fcntl.fcntl(pipe_w, F_GETPIPE_SZ),
             )
             rec.handle._rec = rec
-            self._hold_nonblock(src, inodes[0])
+            for end in held:
+                self._hold_nonblock(*end)
+                held_ok.append(end)
         except BaseException:
-            os.close(pipe_r)
-            os.close(pipe_w)
-            raise
-        try:
-            self._hold_nonblock(dst, inodes[1])
-        except BaseException:
-            self._release_nonblock(src, inodes[0])
+            for end in held_ok:
+                self._release_nonblock(*end)
             os.close(pipe_r)
             os.close(pipe_w)
             raise
