@@ -27,6 +27,11 @@ Invariants (kept in `_step`, `_dissolve` and `_finish`):
      from the socket's file, not from its flags, and a worker must never
      block. The application's setting comes back when the last splice
      using the socket ends.
+  6. Urgent data is carried in band and never ends a splice early. The
+     source is SO_OOBINLINE while spliced; splice(2) still stops at the
+     urgent mark (0 after a FIN, EAGAIN before), and `urgent` steps over
+     it with recv(). A 0 from splice(2) is EOF only when the source says
+     so too.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -59,6 +65,8 @@ STEP_BUDGET = 4 << 20
 # unprivileged pipe-max-size (1 MiB by default) F_SETPIPE_SZ needs
 # CAP_SYS_RESOURCE, and the default size stays if it is refused.
 PIPE_MAX = 1 << 20
+# ioctl: is the socket's next byte the urgent mark? (sockatmark(3))
+SIOCATMARK = 0x8905
 
 log = logging.getLogger("sosplice")
 
@@ -77,6 +85,8 @@ class PipeRecord(SpliceRecord):
     eof: bool = False              # [W] the source returned end of stream
     want_out: bool = False         # [W] waiting for the drain to become writable
     last_ns: int = 0               # [W] last time a byte was taken
+    urgent: bool = True            # [W] the source may sit at an urgent mark (EPOLLPRI seen)
+    oob_was_off: bool = False      # [I] SO_OOBINLINE was off on the source: turn it off at the end
     idle_at: int = 0               # [W] when the armed idle timer fires (0: none)
 
     @property
@@ -144,6 +154,7 @@ class WorkerSplicer(Splicer):
         worker = self._workers[self._next % len(self._workers)]
         self._next += 1
         held, held_ok = ((src, inodes[0]), (dst, inodes[1])), []
+        rec = None
         pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             rec = PipeRecord(
@@ -158,7 +169,18 @@ class WorkerSplicer(Splicer):
             for end in held:
                 self._hold_nonblock(*end)
                 held_ok.append(end)
+            # Our own recv() on the source (`urgent`) must never wait: a
+            # dup made from a blocking fd has Python's default timeout.
+            src.settimeout(0.0)
+            # Invariant 6: read in band, the urgent byte is an ordinary
+            # byte at its place. Out of band, a second urgent pointer
+            # arriving while the worker sits at the mark makes the kernel
+            # drop the first urgent byte from the stream.
+            if not src.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE):
+                src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+                rec.oob_was_off = True
         except BaseException:
+            _restore_oob(rec)
             for end in held_ok:
                 self._release_nonblock(*end)
             os.close(pipe_r)
@@ -244,6 +266,8 @@ class _Worker:
                 elif (rec := self.byfd.get(fd)) is not None:
                     if fd == rec.dst.fileno() and ev & (select.EPOLLERR | select.EPOLLHUP):
                         self.check_drain(rec)
+                    elif fd == rec.src.fileno() and ev & select.EPOLLPRI:
+                        rec.urgent = True
                     work.add(rec)
             now = time.monotonic_ns()
             while self.timers and self.timers[0][0] <= now:
@@ -295,8 +319,11 @@ class _Worker:
         self.byfd[rec.src.fileno()] = rec
         self.byfd[rec.dst.fileno()] = rec
         # Edge-triggered: the loop in _step reads until EAGAIN or a full
-        # pipe; a full pipe is resumed by the drain's EPOLLOUT.
-        self.ep.register(rec.src.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        # pipe; a full pipe is resumed by the drain's EPOLLOUT. EPOLLPRI:
+        # tcp_poll reports it while an urgent byte waits, at its arrival
+        # and at every later wake-up, so a stop at its mark is noticed.
+        self.ep.register(rec.src.fileno(),
+                         select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLET)
         self.ep.register(rec.dst.fileno(), select.EPOLLET)  # EPOLLERR/HUP always report
         if rec.idle_ns:
             self.arm_idle(rec, rec.started_ns + rec.idle_ns)
@@ -336,6 +363,11 @@ class _Worker:
                     except OSError as e:
                         self.dissolve(rec, e.errno or errno.EIO)
                         return
+                    if n == 0 or (n < 0 and rec.urgent):
+                        # Nothing taken: an urgent mark, or (0) perhaps EOF.
+                        n = self.urgent(rec, n == 0)
+                        if n is None:
+                            return  # the source failed: dissolved
                     if n == 0:
                         rec.eof = True
                     elif n > 0:
@@ -362,6 +394,52 @@ class _Worker:
                     self.arm_idle(rec, rec.last_active_ns + rec.idle_ns)
         elif rec.state is State.DISSOLVING and rec.taken == rec.sent:
             self.finish(rec)
+
+    def urgent(self, rec: PipeRecord, zero: bool) -> int | None:
+        """splice(2) took nothing: step over an urgent mark, or confirm EOF.
+
+        tcp_read_sock() stops at the urgent mark, SO_OOBINLINE or not, and
+        tcp_splice_read() then returns 0 if the FIN has come, else EAGAIN
+        (`zero` says which). At the mark, recv() on the SO_OOBINLINE source
+        returns the urgent byte; it goes into the pipe like a spliced byte
+        (invariants 1 and 2 hold: it comes from the source, in order, and
+        the caller checked the room). Returns 1 (the byte was taken), 0
+        (EOF), -1 (nothing to do until the next event), or None (the
+        source failed: dissolved).
+        """
+        src = rec.src
+        try:
+            at_mark = struct.unpack("i", fcntl.ioctl(src.fileno(), SIOCATMARK, b"\0" * 4))[0]
+            peek = src.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            # Nothing queued: the urgent pointer came before its byte, or
+            # EAGAIN was just that. EPOLLPRI (the byte) or EPOLLIN follows.
+            rec.urgent = bool(at_mark)
+            return -1
+        except OSError as e:
+            self.dissolve(rec, e.errno or errno.EIO)
+            return None
+        if not peek:
+            return 0  # end of stream, as splice(2) said
+        if not at_mark:
+            rec.urgent = False
+            if not zero:
+                return -1  # the pipe had no free slot: the drain's EPOLLOUT resumes
+            # 0 from splice(2) with bytes on the source and no mark: no
+            # known cause. Never EOF (the drain's peer would take a cut
+            # stream for a whole one), and never a spin: end with EIO.
+            log.warning("sosplice worker %d: splice(2) returned 0 with bytes on the source",
+                        self.n)
+            self.dissolve(rec, errno.EIO)
+            return None
+        try:
+            os.write(rec.pipe_w, peek)
+        except BlockingIOError:
+            return -1  # no free pipe slot (rec.urgent stays set): the drain's EPOLLOUT resumes
+        # The byte is in the pipe; now take it off the source. Nothing else
+        # reads the source, so this is the byte just peeked.
+        src.recv(1, socket.MSG_DONTWAIT)
+        return 1
 
     def dissolve(self, rec: PipeRecord, error: int) -> None:
         """Take nothing more from the source; the flush follows in step."""
@@ -404,6 +482,7 @@ class _Worker:
                 pass
         os.close(rec.pipe_r)
         os.close(rec.pipe_w)
+        _restore_oob(rec)
         eng = self.engine
         with eng._lock:
             for s, ino in ((rec.src, rec.inodes[0]), (rec.dst, rec.inodes[1])):
@@ -436,3 +515,12 @@ class _Worker:
     def arm_idle(self, rec: PipeRecord, when_ns: int) -> None:
         rec.idle_at = when_ns
         heapq.heappush(self.timers, (when_ns, id(rec), rec))
+
+
+def _restore_oob(rec: PipeRecord | None) -> None:
+    """The application's SO_OOBINLINE comes back (invariant 6)."""
+    if rec is not None and rec.oob_was_off:
+        try:
+            rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 0)
+        except OSError:
+            pass  # the socket is gone: nothing to restore
