@@ -3,7 +3,7 @@
  * The data path: one verdict per skb that arrives on a spliced source.
  *
  * Redirect the skb to the drain while three things hold, pass it otherwise:
- *   - the source has a splice_ctl entry (it is spliced);
+ *   - the source has a slot whose splice_ctl names it (it is spliced);
  *   - every byte passed earlier has been copied by the controller
  *     (passed == copied), so a redirected skb can never overtake one that
  *     waits in the source's queue: this is what keeps bytes in order
@@ -28,11 +28,16 @@ static __always_inline void notify(__u64 source, __u64 moved)
 	events.ringbuf_output(&ev, sizeof(ev), 0);
 }
 
+/* Fields the controller rewrites while we run: read each once, in the
+ * order the controller's stores make safe (see below). */
+#define READ_ONCE_U64(x) (*(volatile __u64 *)&(x))
+
 int sk_skb_verdict(struct __sk_buff *skb)
 {
 	struct splice_stats *st;
 	struct splice_ctl *c;
-	__u64 cookie, len, moved;
+	__u64 cookie, len, moved, copied, credit, drain;
+	__u32 *slot;
 
 	/* A pure FIN arrives as a zero-length skb, and no program may let it
 	 * reach a psock backlog: redirected, it makes the drain's backlog fail
@@ -47,15 +52,28 @@ int sk_skb_verdict(struct __sk_buff *skb)
 		return SK_DROP;
 
 	cookie = bpf_get_socket_cookie(skb);
-	c = ctl.lookup(&cookie);
-	if (!c)
+	slot = slots.lookup(&cookie);
+	if (!slot)
 		return SK_PASS;
-	st = stats.lookup(&cookie);
-	if (!st)
+	c = ctl.lookup(slot);
+	st = stats.lookup(slot);
+	if (!c || !st)
 		return SK_PASS;
+	/* The slot may have been given to another splice since `slots` was
+	 * read (this source's splice ended meanwhile): its owner is checked
+	 * first, and a slot that is not ours, or no longer anyone's, passes. */
+	if (READ_ONCE_U64(c->source) != cookie)
+		return SK_PASS;
+	/* The controller stores credit before copied; reading copied first
+	 * means a credit at least as new as it, so a copied that lets us
+	 * redirect never comes with a credit from before the bytes it counts
+	 * were taken (that would overshoot an exact limit). */
+	copied = READ_ONCE_U64(c->copied);
+	credit = READ_ONCE_U64(c->credit);
+	drain = READ_ONCE_U64(c->drain);
 
 	moved = st->moved;
-	if (st->passed != c->copied || moved + len > c->credit) {
+	if (st->passed != copied || moved + len > credit) {
 		st->passed += len;
 		return SK_PASS;
 	}
@@ -66,6 +84,7 @@ int sk_skb_verdict(struct __sk_buff *skb)
 		notify(cookie, moved + len);
 	/* flags 0: egress, i.e. sent out of the drain. A drain that is not in
 	 * `drains` makes this SK_DROP, which is why the controller inserts the
-	 * drain before the ctl entry and deletes it only after. */
-	return drains.sk_redirect_hash(skb, &c->drain, 0);
+	 * drain before it gives the slot its owner and deletes it only after
+	 * taking the owner away. */
+	return drains.sk_redirect_hash(skb, &drain, 0);
 }

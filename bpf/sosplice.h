@@ -5,10 +5,9 @@
  * compares the sizes). Every field is 64-bit so no padding can differ.
  *
  * Who writes what (the same legend as the Python splice record):
- *   [C] the controller, from userspace, by replacing the whole map value;
+ *   [C] the controller, from userspace, in place through an mmap;
  *   [K] the verdict program, in the kernel, in place.
- * A value is written by exactly one side: userspace replacing a hash value
- * while BPF updates a field in place would lose one of the two writes.
+ * A field is written by exactly one side, so neither needs a lock.
  */
 #ifndef SOSPLICE_H
 #define SOSPLICE_H
@@ -17,16 +16,23 @@
 #define SOSPLICE_MAX_SOCKETS 65536
 #endif
 
-/* Per splice, keyed by the source's socket cookie. Its presence is what
- * makes a source spliced: no entry, no redirect. */
+/* Per splice, in slot `slot` of the `ctl` array. The controller writes the
+ * fields in place through an mmap of the array, one 8-byte store each, and
+ * never moves the value: the verdict reads it through a pointer, and a
+ * hash map value replaced from user space is a new element whose old one
+ * is handed to the next update at once, with another key's value in it
+ * (docs/design.md, "Why the ctl value lives in an array"). */
 struct splice_ctl {
+	__u64 source;		/* [C] the source cookie this slot serves; 0: none (pass) */
 	__u64 drain;		/* [C] drain's socket cookie, key into `drains` */
 	__u64 credit;		/* [C] redirect while moved + len <= credit */
 	__u64 copied;		/* [C] redirect only while passed == copied */
 	__u64 notify_at;	/* [C] ring an event when moved crosses this */
+	__u64 pad[3];		/* one cache line: apart from the verdict's stats */
 };
 
-/* Per splice, keyed by the source's socket cookie. */
+/* Per splice, in the same slot of the `stats` array; written in place by
+ * the verdict, read through the same kind of mmap by the controller. */
 struct splice_stats {
 	__u64 moved;		/* [K] bytes redirected to the drain */
 	__u64 passed;		/* [K] bytes left on the source for the controller */
@@ -45,8 +51,11 @@ struct splice_event {
  * can leave its map without losing anything (KERNEL-NOTES 7 and 13). */
 BPF_SOCKHASH(sources, __u64, SOSPLICE_MAX_SOCKETS);
 BPF_SOCKHASH(drains, __u64, SOSPLICE_MAX_SOCKETS);
-BPF_HASH(ctl, __u64, struct splice_ctl, SOSPLICE_MAX_SOCKETS);
-BPF_HASH(stats, __u64, struct splice_stats, SOSPLICE_MAX_SOCKETS);
+/* Source cookie -> slot. Only inserted and deleted, never replaced, so the
+ * element of a live splice never changes under the verdict. */
+BPF_HASH(slots, __u64, __u32, SOSPLICE_MAX_SOCKETS);
+BPF_F_TABLE("array", __u32, struct splice_ctl, ctl, SOSPLICE_MAX_SOCKETS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct splice_stats, stats, SOSPLICE_MAX_SOCKETS, BPF_F_MMAPABLE);
 BPF_RINGBUF_OUTPUT(events, 16);
 
 #endif /* SOSPLICE_H */

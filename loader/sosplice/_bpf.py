@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import mmap
 import os
 import platform
 import re
 from pathlib import Path
+
+from ._maps import SpliceCtl, SpliceStats
 
 # Two egress-backlog bugs that lose or duplicate bytes were fixed in 6.16
 # (KERNEL-NOTES 16). Splicing on an older kernel can corrupt a stream
@@ -128,12 +131,34 @@ class Programs:
             self.bpf.cleanup()
             raise OSError(errno.EOPNOTSUPP, f"sosplice: attaching the verdict failed: {e}") from e
         self._fn = fn
-        self.ctl = self.bpf[b"ctl"]
-        self.stats = self.bpf[b"stats"]
+        self.slots_fd = self._map_fd(b"slots")
+        # The two per-slot arrays, mapped into this process: the controller
+        # writes ctl fields and reads the verdict's stats with plain loads
+        # and stores, no syscall, and never replaces a value the verdict
+        # may be reading (docs/design.md).
+        self._mmaps = [self._mmap(b"ctl", ct.sizeof(SpliceCtl) * max_sockets),
+                       self._mmap(b"stats", ct.sizeof(SpliceStats) * max_sockets)]
+        self.ctl = (SpliceCtl * max_sockets).from_buffer(self._mmaps[0])
+        self.stats = (SpliceStats * max_sockets).from_buffer(self._mmaps[1])
         self.events_fd = self._map_fd(b"events")
 
     def _map_fd(self, name: bytes) -> int:
         return self._lib.bpf_table_fd(self.bpf.module, name)
+
+    def _mmap(self, name: bytes, size: int) -> mmap.mmap:
+        size = (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+        return mmap.mmap(self._map_fd(name), size, mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def slot_insert(self, cookie: int, slot: int) -> None:
+        key, val = ct.c_uint64(cookie), ct.c_uint32(slot)
+        if self._lib.bpf_update_elem(self.slots_fd, ct.byref(key), ct.byref(val), BPF_NOEXIST) < 0:
+            err = ct.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def slot_delete(self, cookie: int) -> None:
+        key = ct.c_uint64(cookie)
+        self._lib.bpf_delete_elem(self.slots_fd, ct.byref(key))
 
     # bcc's Table refuses sockhash maps (KERNEL-NOTES), so these go through
     # libbcc directly on the map fd.
@@ -166,4 +191,10 @@ class Programs:
             BPF.detach_func(self._fn, self.sources_fd, BPFAttachType.SK_SKB_VERDICT)
         except Exception:
             pass
+        del self.ctl, self.stats
+        for m in self._mmaps:
+            try:
+                m.close()
+            except BufferError:  # a caller still holds a row; the GC unmaps it
+                pass
         self.bpf.cleanup()

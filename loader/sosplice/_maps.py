@@ -6,10 +6,12 @@ import ctypes as ct
 
 class SpliceCtl(ct.Structure):
     _fields_ = [
+        ("source", ct.c_uint64),
         ("drain", ct.c_uint64),
         ("credit", ct.c_uint64),
         ("copied", ct.c_uint64),
         ("notify_at", ct.c_uint64),
+        ("pad", ct.c_uint64 * 3),
     ]
 
 

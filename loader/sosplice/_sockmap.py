@@ -24,6 +24,7 @@ Ordering invariants (see docs/design.md for the argument):
 """
 from __future__ import annotations
 
+import collections
 import ctypes as ct
 import errno
 import heapq
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from . import _sock
 from ._bpf import Programs
 from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err, _next_sweep
-from ._maps import U64, SpliceCtl, SpliceEvent, SpliceStats, key
+from ._maps import U64, SpliceEvent, SpliceStats
 from ._splice import Splice, SpliceRecord, State
 
 # Largest copy the controller makes per step for one splice, so one busy
@@ -61,6 +62,7 @@ _CLAIMED: dict[int, SockmapSplicer] = {}
 class SockmapRecord(SpliceRecord):
     """A splice of the bpf backend (owner tags: see _splice)."""
 
+    slot: int                      # [I] index into the ctl and stats arrays
     drain_base: int                # [I] drain's written count at start
     q_old: int                     # [I] source bytes queued before start
     drain_in_map: bool             # [I] False: drain cannot be a redirect target
@@ -120,6 +122,10 @@ class SockmapSplicer(Splicer):
         self._max_sockets = max_sockets
         self._byfd: dict[int, SockmapRecord] = {}       # our dup's fd -> record
         self._sources: set[int] = set()                 # cookies we put in `sources`
+        # Free slots of the ctl/stats arrays, oldest first: a slot is used
+        # again as late as possible after its splice ended (its owner check
+        # in the verdict is what makes reuse safe; lateness is a margin).
+        self._free_slots = collections.deque(range(max_sockets))
         self._reset_on_close: set[int] = set()          # see _finish
         self._timers: list[tuple[int, int, SockmapRecord]] = []  # (when, id, record)
         self._ep = select.epoll()
@@ -188,7 +194,13 @@ class SockmapSplicer(Splicer):
             if e.errno not in (errno.EOPNOTSUPP, errno.EEXIST):
                 raise _err(e.errno, f"cannot add the drain to the sockmap: {e.strerror}") from None
             drain_in_map = e.errno == errno.EEXIST
+        if not self._free_slots:
+            if drain_in_map:
+                self._prog.sock_delete(self._prog.drains_fd, dcookie)
+            raise _err(errno.ENOSPC, f"the engine is full ({self._max_sockets} splices); "
+                       "create the Splicer with a larger max_sockets")
         rec = SockmapRecord(
+            slot=self._free_slots.popleft(),
             handle=handle, src=src, dst=dst, src_cookie=scookie, dst_cookie=dcookie,
             user_fds=user_fds, inodes=inodes, max=max,
             idle_ns=idle_ns, started_ns=now, drain_base=base,
@@ -197,14 +209,13 @@ class SockmapSplicer(Splicer):
         )
         handle._rec = rec
         try:
-            self._prog.stats[key(scookie)] = SpliceStats()
+            self._claim_slot(rec)
             fresh = self._insert_source(rec)
             if not fresh:
                 rec.q_old = self._measure_queue(rec)
             self._publish(rec, base, force=True)
         except BaseException:
-            self._prog.stats.pop(key(scookie), None)
-            self._prog.ctl.pop(key(scookie), None)
+            self._release_slot(rec)
             if drain_in_map:
                 self._prog.sock_delete(self._prog.drains_fd, dcookie)
             raise
@@ -223,6 +234,37 @@ class SockmapSplicer(Splicer):
         self._later(rec)
         os.eventfd_write(self._wake, 1)
 
+    def _claim_slot(self, rec: SockmapRecord) -> None:
+        """Give the record's slot its owner, holding the verdict (it passes
+        and counts every skb) until _publish lets it redirect.
+
+        The stats are zeroed and the ctl fields written before the owner:
+        a verdict that finds the source in `slots` either sees no owner
+        (pass, uncounted: nothing is spliced yet) or a whole holding entry.
+        """
+        st = self._prog.stats[rec.slot]
+        st.moved = st.passed = st.last_ns = 0
+        c = self._prog.ctl[rec.slot]
+        c.source = 0
+        c.drain, c.credit, c.notify_at, c.copied = rec.dst_cookie, 0, 0, _HOLD
+        c.source = rec.src_cookie
+        self._prog.slot_insert(rec.src_cookie, rec.slot)
+        rec.published = (0, _HOLD, 0)
+
+    def _release_slot(self, rec: SockmapRecord) -> None:
+        """The verdict passes uncounted from here on; the slot goes to the
+        back of the free list."""
+        self._prog.ctl[rec.slot].source = 0
+        self._prog.slot_delete(rec.src_cookie)
+        self._free_slots.append(rec.slot)
+
+    def _hold(self, rec: SockmapRecord, copied: int = _HOLD) -> None:
+        """No redirect until `copied`: credit 0 first, as in _publish."""
+        c = self._prog.ctl[rec.slot]
+        c.credit = 0
+        c.copied = copied
+        rec.published = (0, copied, c.notify_at)
+
     def _insert_source(self, rec: SockmapRecord) -> bool:
         """Put the source in `sources`; False if it already was (resplice)."""
         c = rec.src_cookie
@@ -234,12 +276,11 @@ class SockmapSplicer(Splicer):
             # CLOSE_WAIT: the peer sent FIN; the socket cannot join a map
             # (KERNEL-NOTES 9), and nothing more can arrive: take what is
             # left now, the controller sends it.
-            self._prog.ctl[key(c)] = SpliceCtl(rec.dst_cookie, 0, _HOLD, 0)
             self._prefetch(rec)
             return True
         # Resplice: the socket may hold bytes passed while it was not
-        # spliced. Hold the verdict (pass everything) until they are counted.
-        self._prog.ctl[key(c)] = SpliceCtl(rec.dst_cookie, 0, _HOLD, 0)
+        # spliced. The verdict holds (passes everything, counted) until
+        # they are measured: _claim_slot left it so.
         if c in self._sources:
             return False
         self._check_insertable(c)
@@ -269,7 +310,7 @@ class SockmapSplicer(Splicer):
         # A fresh source has nothing passed yet; bytes in its TCP queue
         # reach the verdict only on the next data_ready, which SO_RCVLOWAT
         # triggers now (KERNEL-NOTES 8).
-        self._prog.ctl[key(c)] = SpliceCtl(rec.dst_cookie, 0, _HOLD if rec.q_old else 0, 0)
+        self._hold(rec, _HOLD if rec.q_old else 0)
         rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return True
 
@@ -341,9 +382,9 @@ class SockmapSplicer(Splicer):
         """
         rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         for _ in range(1000):
-            p0 = self._stats(rec.src_cookie).passed
+            p0 = self._stats(rec).passed
             n = _sock.inq(rec.src)
-            if self._stats(rec.src_cookie).passed == p0:
+            if self._stats(rec).passed == p0:
                 return n - p0
         raise _err(errno.EAGAIN, "source queue did not settle; try again")
 
@@ -412,14 +453,13 @@ class SockmapSplicer(Splicer):
         ev = ct.cast(data, ct.POINTER(SpliceEvent)).contents
         self._rb_hit.append(ev.source)
 
-    def _stats(self, cookie: int) -> SpliceStats:
-        return self._prog.stats[key(cookie)]
+    def _stats(self, rec: SockmapRecord) -> SpliceStats:
+        return self._prog.stats[rec.slot]
 
     def _read_stats(self, rec: SockmapRecord) -> None:
-        try:
-            s = self._stats(rec.src_cookie)
-        except KeyError:
-            return
+        if rec.state is State.DONE:
+            return  # the slot may belong to another splice now
+        s = self._stats(rec)
         rec.moved, rec.passed, rec.last_ns = s.moved, s.passed, s.last_ns
 
     def _move(self, rec: SockmapRecord) -> None:
@@ -565,7 +605,14 @@ class SockmapSplicer(Splicer):
         notify = max(rec.moved + 1, credit - self.backlog_cap // 2)
         want = (credit, copied, notify)
         if want != rec.published or force:
-            self._prog.ctl[key(rec.src_cookie)] = SpliceCtl(rec.dst_cookie, *want)
+            # Credit before copied: the verdict reads copied first, so a
+            # copied that lets it redirect comes with this credit or a
+            # newer one, never one from before `taken` grew (x86-64 keeps
+            # stores in order, and so do these 8-byte ctypes stores).
+            c = self._prog.ctl[rec.slot]
+            c.credit = credit
+            c.notify_at = notify
+            c.copied = copied
             rec.published = want
 
     def _idle_expired(self, rec: SockmapRecord) -> bool:
@@ -590,7 +637,7 @@ class SockmapSplicer(Splicer):
         rec.check_invariants()
         rec.state = State.DISSOLVING
         rec.error = error
-        self._prog.ctl.pop(key(rec.src_cookie), None)
+        self._prog.ctl[rec.slot].source = 0
 
     def _finish(self, rec: SockmapRecord) -> None:
         """Flushed (or the drain is dead): release everything, report once."""
@@ -601,8 +648,7 @@ class SockmapSplicer(Splicer):
         self._read_stats(rec)
         rec.check_invariants()
         assert self._live.get(rec.src_cookie) is rec and self._drains.get(rec.dst_cookie) is rec
-        self._prog.ctl.pop(key(rec.src_cookie), None)
-        self._prog.stats.pop(key(rec.src_cookie), None)
+        self._release_slot(rec)
         if rec.drain_in_map:
             self._prog.sock_delete(self._prog.drains_fd, rec.dst_cookie)
         if rec.eof and rec.fifo == 0 and rec.src_cookie not in self._drains:
