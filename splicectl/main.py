@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+
+from . import proxy as _proxy  # stdlib only: cheap for ls/top too
 
 EPILOG = """\
 examples:
@@ -18,6 +21,19 @@ examples:
 """
 
 
+PROXY_DESCRIPTION = """\
+Accept on LISTEN, connect to an UPSTREAM (round robin) and splice both
+ways in the kernel.
+
+How a connection ends: a FIN from either side is passed on as a FIN, and
+the other direction goes on. Anything else resets both sides, never a
+FIN, so that no peer takes a cut stream for a whole one: a reset or a
+failed send on either side, --idle, the end of --grace, a refused splice.
+
+Durations (S) are seconds, from 0.001 to 2000000.
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message} (try --help)\n")
@@ -29,8 +45,32 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return v
+
+
+def _seconds(*, zero_ok: bool = False):
+    """argparse type: a duration the proxy can keep (proxy.check_seconds)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        try:
+            return _proxy.check_seconds(v, zero_ok=zero_ok)
+        except _proxy.UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: no limit), not {v}")
     return v
 
 
@@ -42,9 +82,29 @@ def _size(text: str) -> int:
             t, mult = t[:-1], m
             break
     try:
-        return int(float(t) * mult)
+        v = float(t) * mult
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 4M)") from None
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 4M)")
+    return int(v)
+
+
+def _backlog_cap(text: str) -> int:
+    try:
+        return _proxy.check_backlog_cap(_size(text))
+    except _proxy.UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _addr(*, listen: bool):
+    """argparse type: HOST:PORT (proxy.parse_addr) as (host, port)."""
+    def parse(text: str) -> tuple[str, int]:
+        try:
+            return _proxy.parse_addr(text, listen=listen)
+        except _proxy.UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,24 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     px = sub.add_parser("proxy", help="TCP proxy that splices in the kernel",
-                        description="Accept on LISTEN, connect to an UPSTREAM (round robin) and "
-                                    "splice both ways in the kernel.",
+                        description=PROXY_DESCRIPTION,
                         epilog="example: splicectl proxy 127.0.0.1:8080 127.0.0.1:9000 [::1]:9001",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    px.add_argument("listen", metavar="LISTEN", help="address to accept on, e.g. 127.0.0.1:8080 or [::1]:8080")
-    px.add_argument("upstream", metavar="UPSTREAM", nargs="+", help="upstream address(es)")
-    px.add_argument("--connect-timeout", type=_positive_float, default=3.0, metavar="S",
+    px.add_argument("listen", metavar="LISTEN", type=_addr(listen=True),
+                    help="address to accept on, e.g. 127.0.0.1:8080 or [::1]:8080")
+    px.add_argument("upstream", metavar="UPSTREAM", nargs="+", type=_addr(listen=False),
+                    help="upstream address(es)")
+    px.add_argument("--connect-timeout", type=_seconds(), default=3.0, metavar="S",
                     help="upstream connect timeout in seconds (default 3)")
-    px.add_argument("--idle", type=_positive_float, default=None, metavar="S",
-                    help="close a direction after S seconds without a byte")
-    px.add_argument("--max-conns", type=int, default=0, metavar="N",
-                    help="stop accepting beyond N live connections (0 = no limit)")
-    px.add_argument("--backlog-cap", type=_size, default=None, metavar="BYTES",
-                    help="kernel bytes held per splice beyond socket buffers (e.g. 4M)")
-    px.add_argument("--metrics", metavar="HOST:PORT", default=None,
+    px.add_argument("--idle", type=_seconds(), default=None, metavar="S",
+                    help="reset a connection in which neither direction has moved a byte "
+                         "for S seconds (as socat -T, HAProxy's timeout tunnel); it fires "
+                         "S to 1.25*S after the last byte. One quiet direction never ends "
+                         "it (default: no timeout)")
+    px.add_argument("--max-conns", type=_count, default=0, metavar="N",
+                    help="stop accepting beyond N live connections (0 = no limit); the fd "
+                         "limit is raised to fit N, up to its hard limit")
+    px.add_argument("--backlog-cap", type=_backlog_cap, default=None, metavar="BYTES",
+                    help="kernel bytes held per splice beyond socket buffers, 64K to 256M "
+                         "(default 4M)")
+    px.add_argument("--metrics", metavar="HOST:PORT", default=None, type=_addr(listen=True),
                     help="serve Prometheus metrics over HTTP here")
-    px.add_argument("--grace", type=float, default=5.0, metavar="S",
-                    help="on SIGINT/SIGTERM let connections finish for S seconds (default 5)")
+    px.add_argument("--grace", type=_seconds(zero_ok=True), default=5.0, metavar="S",
+                    help="on SIGINT/SIGTERM stop accepting and let connections finish for S "
+                         "seconds, then reset those still open (default 5; 0: at once)")
     px.add_argument("--no-check", action="store_true",
                     help="do not check that every upstream is reachable at start")
     px.add_argument("--backend", choices=["bpf", "worker", "auto"], default=None,

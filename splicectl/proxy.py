@@ -4,15 +4,35 @@ One thread, one `selectors` loop, one `sosplice.Splicer`. The loop
 accepts, connects to an upstream (round robin, non-blocking, with a
 timeout, trying the next upstream on failure), splices both ways and then
 only learns of the end of each direction through `Splicer.fileno()`.
+
+How a connection ends (the contract; docs: README, `splicectl proxy --help`):
+
+- A direction that ends cleanly (EOF on its source: error 0) is passed on
+  as a FIN: `shutdown(SHUT_WR)` on its drain. The other direction goes on.
+  Once both have, both sockets are closed normally.
+- Anything else ends the whole connection with a reset on both sides,
+  never a FIN: a direction that ends with an error (its source was reset:
+  ECONNRESET; its drain failed: EPIPE; ...), and every connection the
+  proxy cuts itself (`--idle`, `--grace` running out, a refused splice,
+  no upstream). A FIN would tell the peers that the stream was complete;
+  a truncated answer must not look like a whole one. That is how OpenBSD
+  ends a splice whose socket failed.
+- `--idle` is a connection timeout, as socat -T and HAProxy's `timeout
+  tunnel`: it fires only when neither direction has moved a byte for that
+  long, never because one direction alone is quiet.
 """
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
+import math
 import os
+import resource
 import select
 import selectors
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,9 +41,77 @@ log = logging.getLogger("splicectl.proxy")
 
 UP, DOWN = "up", "down"
 
+# SO_LINGER {on, 0 s}: close() sends a reset and drops what is unsent.
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+# Durations (--idle, --grace, --connect-timeout): below a millisecond the
+# proxy's own loop cannot keep them, beyond this they are a typo (HAProxy's
+# timeouts stop at 2^31 ms too); both ends are refused at start-up.
+MIN_SECONDS = 0.001
+MAX_SECONDS = 2_000_000.0
+# An active connection's idle deadline is looked at every IDLE_SLICES-th of
+# --idle: the timeout fires between S and S * (1 + 1/IDLE_SLICES) seconds
+# after the last byte, and a busy connection costs IDLE_SLICES looks per S.
+IDLE_SLICES = 4
+# File descriptors per connection: the proxy's two sockets, the engine's
+# dups of both for each of the two splices, and (worker) a pipe per splice.
+FDS_PER_CONN = {"bpf": 6, "worker": 10}
+FDS_SPARE = 64   # listeners, the engine's own, stdio, metrics clients
+# Backlog cap range of sosplice.Splicer (checked here to name the option).
+BACKLOG_CAP_MIN, BACKLOG_CAP_MAX = 1 << 16, 1 << 28
+
 
 class UsageError(Exception):
     """A bad argument: main prints it on one line and exits 2."""
+
+
+# -- option values -----------------------------------------------------------
+
+def check_seconds(value: float, *, zero_ok: bool = False) -> float:
+    """`value` if it is a usable duration in seconds, else UsageError.
+
+    Finite, from MIN_SECONDS to MAX_SECONDS; 0 too with `zero_ok`. The
+    message is the end of a sentence that starts with the option's name.
+    """
+    if not (math.isfinite(value) and (MIN_SECONDS <= value <= MAX_SECONDS
+                                      or (zero_ok and value == 0))):
+        span = f"from {MIN_SECONDS:g} to {MAX_SECONDS:.0f} seconds"
+        raise UsageError(f"must be {'0 or ' if zero_ok else ''}{span}, not {value!r}")
+    return value
+
+
+def check_backlog_cap(value: int) -> int:
+    if not BACKLOG_CAP_MIN <= value <= BACKLOG_CAP_MAX:
+        raise UsageError(f"must be from 64K to 256M bytes, not {value}")
+    return value
+
+
+def check_options(o: Options) -> None:
+    """Every value of `o`, or one UsageError line that names the option.
+
+    main checks the same while parsing; this is for callers that build
+    Options themselves, so that no bad value reaches a connection.
+    """
+    for name, value, zero_ok in (("--connect-timeout", o.connect_timeout, False),
+                                 ("--grace", o.grace, True)):
+        try:
+            check_seconds(value, zero_ok=zero_ok)
+        except UsageError as e:
+            raise UsageError(f"{name} {e}") from None
+    if o.idle is not None:
+        try:
+            check_seconds(o.idle)
+        except UsageError as e:
+            raise UsageError(f"--idle {e}") from None
+    if o.max_conns < 0:
+        raise UsageError(f"--max-conns must be >= 0 (0: no limit), not {o.max_conns}")
+    if o.backlog_cap is not None:
+        try:
+            check_backlog_cap(o.backlog_cap)
+        except UsageError as e:
+            raise UsageError(f"--backlog-cap {e}") from None
+    if not o.upstreams:
+        raise UsageError("at least one UPSTREAM is needed")
 
 
 # -- addresses ---------------------------------------------------------------
@@ -40,10 +128,9 @@ def parse_addr(text: str, *, listen: bool = False) -> tuple[str, int]:
             raise UsageError(f"bad address {text!r}: expected HOST:PORT")
         if ":" in host:
             raise UsageError(f"bad address {text!r}: write IPv6 addresses as [ADDR]:PORT")
-    try:
-        p = int(port)
-    except ValueError:
-        raise UsageError(f"bad port in {text!r}: {port!r} is not a number") from None
+    if not (port.isascii() and port.isdigit()):
+        raise UsageError(f"bad port in {text!r}: {port!r} is not a number")
+    p = int(port)
     if not (0 if listen else 1) <= p <= 65535:
         raise UsageError(f"bad port in {text!r}: must be {'0' if listen else '1'}..65535")
     if not host:
@@ -53,19 +140,23 @@ def parse_addr(text: str, *, listen: bool = False) -> tuple[str, int]:
     return host, p
 
 
-def resolve(host: str, port: int) -> tuple[int, tuple]:
-    """(family, sockaddr) of the first TCP address of host:port."""
+def resolve(host: str, port: int, what: str = "address") -> tuple[int, tuple]:
+    """(family, sockaddr) of the first TCP address of host:port.
+
+    `what` names the argument in the error ("UPSTREAM", "--metrics", ...).
+    """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as e:
-        raise UsageError(f"cannot resolve {host!r}: {e.strerror}") from None
+    except (socket.gaierror, UnicodeError) as e:
+        why = e.strerror if isinstance(e, socket.gaierror) else "not a valid host name"
+        raise UsageError(f"{what} {fmt_addr((host, port))}: cannot resolve {host!r}: {why}") from None
     fam, _, _, _, sa = infos[0]
     return fam, sa
 
 
-def _listen(addr: tuple[str, int], backlog: int, what: str) -> socket.socket:
+def _listen(addr: tuple[str, int], backlog: int, what: str, arg: str) -> socket.socket:
     """A non-blocking listening socket on `addr`, or one UsageError line."""
-    fam, sa = resolve(*addr)
+    fam, sa = resolve(*addr, arg)
     ls = socket.socket(fam, socket.SOCK_STREAM)
     try:
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -76,6 +167,96 @@ def _listen(addr: tuple[str, int], backlog: int, what: str) -> socket.socket:
         raise UsageError(f"cannot {what} on {fmt_addr(addr)}: {e.strerror}") from None
     ls.setblocking(False)
     return ls
+
+
+def _is_local(fam: int, ip: str) -> bool:
+    """Whether `ip` is an address of this host (binding to it works)."""
+    with socket.socket(fam, socket.SOCK_DGRAM) as u:
+        try:
+            u.bind((ip, 0))
+        except OSError:
+            return False
+    return True
+
+
+def _loops_back(listener: socket.socket, fam: int, sa: tuple) -> bool:
+    """Whether a connect to `sa` would reach `listener` itself."""
+    lfam = listener.family
+    lhost, lport = listener.getsockname()[:2]
+    if sa[1] != lport:
+        return False
+    ip = sa[0]
+    if fam != lfam:
+        # A dual-stack [::] listener also takes IPv4; a 0.0.0.0 one no IPv6.
+        if not (lfam == socket.AF_INET6 and lhost == "::"):
+            return False
+        return _is_local(fam, ip)
+    if lhost in ("0.0.0.0", "::"):
+        return _is_local(fam, ip)
+    return ip == lhost
+
+
+def _reset(s: socket.socket) -> None:
+    """Close `s` with a reset (RST), never a FIN, now.
+
+    SO_LINGER {1, 0} makes the last close() abortive. That alone would
+    wait: the engine holds dups of a spliced socket until its splice has
+    flushed, which for a peer that stopped reading can be never. So the
+    connection is aborted first with connect(AF_UNSPEC) (tcp_disconnect:
+    the RST goes out at once, and any live splice on the socket ends,
+    since its drain can no longer send); the close then only frees the fd.
+    """
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass  # already closed by the kernel (reset): nothing to send
+    _disconnect(s)
+    s.close()
+
+
+def _disconnect(s: socket.socket) -> None:
+    """connect(AF_UNSPEC) on `s`: an established TCP socket sends a reset.
+
+    Python's connect() takes no AF_UNSPEC address, hence libc. Errors are
+    ignored: a socket the peer has reset is already closed.
+    """
+    global _libc_connect
+    if _libc_connect is None:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc_connect = libc.connect
+        _libc_connect.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    _libc_connect(s.fileno(), _SOCKADDR_UNSPEC, len(_SOCKADDR_UNSPEC))
+
+
+_libc_connect = None
+# struct sockaddr with sa_family = AF_UNSPEC (0), the rest zero.
+_SOCKADDR_UNSPEC = bytes(16)
+
+
+def _reset_not_fin(source: socket.socket, *, other_done: bool) -> bool:
+    """Whether a source whose splice ended with 0 (EOF) was in fact reset.
+
+    A socket's error is reported once, to whoever asks first: when the
+    other direction's send to the same socket takes the ECONNRESET, the
+    engine's read of the source then finds no error and a closed stream,
+    and reports EOF. The TCP state tells: a FIN received leaves the source
+    in CLOSE_WAIT, or in CLOSE only if we had sent our own FIN on it
+    first (through TIME_WAIT, which the socket leaves as CLOSE), which
+    only the other direction's clean end does. So CLOSE without that is a
+    reset (or a connection that timed out): an error, not an end.
+    """
+    if other_done:
+        return False
+    try:
+        state = source.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return False
+    return state == _TCP_CLOSE
+
+
+_TCP_CLOSE = 7  # include/net/tcp_states.h; tcpi_state is TCP_INFO's first byte
 
 
 def _writable(s: socket.socket) -> bool:
@@ -99,6 +280,7 @@ class Metrics:
     connections_total: int = 0
     bytes_done: dict[str, int] = field(default_factory=lambda: {UP: 0, DOWN: 0})
     dissolve: dict[str, int] = field(default_factory=dict)
+    resets: dict[str, int] = field(default_factory=dict)
     errors_total: int = 0
 
     def render(self, active: int, live_bytes: dict[str, int]) -> str:
@@ -118,7 +300,12 @@ class Metrics:
                 "# TYPE sosplice_dissolve_total counter"]
         for reason, n in sorted(self.dissolve.items()):
             out.append(f'sosplice_dissolve_total{{reason="{reason}"}} {n}')
-        out += ["# HELP sosplice_errors_total Failed upstream connects and splices ended by an error.",
+        out += ["# HELP sosplice_resets_total Connections the proxy ended with a reset, by reason.",
+                "# TYPE sosplice_resets_total counter"]
+        for reason, n in sorted(self.resets.items()):
+            out.append(f'sosplice_resets_total{{reason="{reason}"}} {n}')
+        out += ["# HELP sosplice_errors_total Failed upstream connects, refused splices and "
+                "splices ended by an error.",
                 "# TYPE sosplice_errors_total counter",
                 f"sosplice_errors_total {self.errors_total}", ""]
         return "\n".join(out)
@@ -147,6 +334,11 @@ class Conn:
     done: set = field(default_factory=set)   # directions dissolved with EOF
     closed: bool = False
     splices: list = field(default_factory=list)
+    # --idle: the bytes of both splices at the last look, when that count
+    # last changed (monotonic), and when the next look is due.
+    seen: int = 0
+    quiet_since: float = 0.0
+    look_at: float = 0.0
 
 
 @dataclass
@@ -167,8 +359,8 @@ class Proxy:
     """The loop. Create, `start()` (binds; may raise UsageError), `run()`.
 
     `stop()` may be called from any thread or a signal handler: the first
-    call stops accepting and lets connections finish for `grace` seconds;
-    a second call closes everything at once.
+    call stops accepting and lets connections finish for `grace` seconds,
+    then resets those still open; a second call resets them at once.
     """
 
     def __init__(self, opts: Options, *, engine_factory: Callable | None = None,
@@ -181,11 +373,19 @@ class Proxy:
         self.metrics_sock: socket.socket | None = None
         self.engine = None
         self.conns: dict[int, Conn] = {}
+        # Connections whose upstream connect is in flight: the only ones the
+        # connect timeout looks at, so idle connections cost no scan.
+        self.connecting: dict[int, Conn] = {}
+        # --idle: (when, conn id), one entry per spliced connection; entries
+        # of closed connections are skipped when they come up (and dropped
+        # in bulk when they outnumber the live ones, see _arm_idle).
+        self.idle_heap: list[tuple[float, int]] = []
         self.splices: dict[object, tuple[Conn, str]] = {}
         self.m = Metrics()
         self.rr = 0
         self.next_id = 1
         self.accepting = False
+        self.accept_again = 0.0    # accept paused by EMFILE and the like until then
         self.stopping = 0          # 0 running, 1 draining, 2 hard stop
         self.stop_deadline = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -198,7 +398,8 @@ class Proxy:
 
     def start(self) -> tuple:
         o = self.opts
-        self.upstream_addrs = [resolve(h, p) for h, p in o.upstreams]
+        check_options(o)
+        self.upstream_addrs = [resolve(h, p, "UPSTREAM") for h, p in o.upstreams]
         if o.check_upstreams:
             for (h, p), (fam, sa) in zip(o.upstreams, self.upstream_addrs):
                 try:
@@ -211,24 +412,29 @@ class Proxy:
                 except OSError as e:
                     why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
                     raise UsageError(f"upstream {fmt_addr((h, p))} is unreachable: {why}") from None
-        self.listener = _listen(o.listen, 1024, "listen")
-        if o.metrics:
-            try:
-                self.metrics_sock = _listen(o.metrics, 64, "listen for metrics")
-            except UsageError:
-                self._close_listener()
-                raise
+        self.listener = _listen(o.listen, 1024, "listen", "LISTEN")
         try:
+            for (h, p), (fam, sa) in zip(o.upstreams, self.upstream_addrs):
+                if _loops_back(self.listener, fam, sa):
+                    raise UsageError(f"upstream {fmt_addr((h, p))} is this proxy's own LISTEN "
+                                     "address: every connection would loop back into it")
+            if o.metrics:
+                self.metrics_sock = _listen(o.metrics, 64, "listen for metrics", "--metrics")
             if self.engine_factory is not None:
                 self.engine = self.engine_factory()
             else:
                 import sosplice
                 kw = {} if o.backlog_cap is None else {"backlog_cap": o.backlog_cap}
                 self.engine = sosplice.Splicer(backend=o.backend, **kw)
+            self._check_fd_limit()
         except BaseException:
             self._close_listener()
             if self.metrics_sock:
                 self.metrics_sock.close()
+                self.metrics_sock = None
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
             raise
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self.sel.register(self.engine.fileno(), selectors.EVENT_READ, ("engine", None))
@@ -237,6 +443,27 @@ class Proxy:
         self._set_accepting(True)
         self.address = self.listener.getsockname()
         return self.address
+
+    def _check_fd_limit(self) -> None:
+        """--max-conns connections fit in the fd limit (raised if need be).
+
+        Beyond it, accept() and socket() fail with EMFILE on every try, so
+        every connection over the limit would be refused at once.
+        """
+        n = self.opts.max_conns
+        if not n:
+            return
+        backend = getattr(self.engine, "backend", "worker")
+        need = n * FDS_PER_CONN.get(backend, max(FDS_PER_CONN.values())) + FDS_SPARE
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or need <= soft:
+            return
+        if hard == resource.RLIM_INFINITY or need <= hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+            return
+        raise UsageError(f"--max-conns {n} needs about {need} file descriptors on the {backend} "
+                         f"backend, the limit is {hard}: lower --max-conns or raise the "
+                         "limit (ulimit -n)")
 
     def metrics_address(self) -> tuple | None:
         return self.metrics_sock.getsockname() if self.metrics_sock else None
@@ -259,9 +486,9 @@ class Proxy:
                     break
                 if self.stopping and time.monotonic() >= self.stop_deadline:
                     if self.conns:
-                        log.warning("grace period over: closing %d connection(s)", len(self.conns))
+                        log.warning("grace period over: resetting %d connection(s)", len(self.conns))
                     for c in list(self.conns.values()):
-                        self._close(c, "shutdown")
+                        self._reset_conn(c, "grace period over", "grace")
                     break
                 for key, ev in self.sel.select(self._timeout()):
                     kind, obj = key.data
@@ -277,7 +504,12 @@ class Proxy:
                         self._metrics_accept()
                     elif kind == "http":
                         self._metrics_serve(key.fileobj, obj)
-                self._check_connect_timeouts()
+                now = time.monotonic()
+                self._check_connect_timeouts(now)
+                self._check_idle(now)
+                if self.accept_again and now >= self.accept_again:
+                    self.accept_again = 0.0
+                    self._resume_accepting()
         finally:
             self._shutdown()
         return 0
@@ -285,9 +517,12 @@ class Proxy:
     def _timeout(self) -> float:
         t = 1.0
         now = time.monotonic()
-        for c in self.conns.values():
-            if not c.spliced and c.upstream is not None:
-                t = min(t, c.deadline - now)
+        for c in self.connecting.values():
+            t = min(t, c.deadline - now)
+        if self.idle_heap:
+            t = min(t, self.idle_heap[0][0] - now)
+        if self.accept_again:
+            t = min(t, self.accept_again - now)
         if self.stopping:
             t = min(t, self.stop_deadline - now)
         return max(0.0, t)
@@ -316,6 +551,13 @@ class Proxy:
             self.sel.unregister(self.listener)
         self.accepting = on
 
+    def _resume_accepting(self) -> None:
+        """Accept again unless stopping, paused, or at --max-conns."""
+        if self.stopping or self.accept_again or self.listener is None:
+            return
+        if not self.opts.max_conns or len(self.conns) < self.opts.max_conns:
+            self._set_accepting(True)
+
     def _close_listener(self) -> None:
         if self.listener is not None:
             self._set_accepting(False)
@@ -331,8 +573,12 @@ class Proxy:
                 s, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and friends: back off
-                log.error("accept: %s", e)
+            except OSError as e:
+                # EMFILE and friends: the connection stays queued and the
+                # listener readable, so pause rather than spin on it.
+                log.error("accept: %s; pausing accept for 0.5 s", e)
+                self._set_accepting(False)
+                self.accept_again = time.monotonic() + 0.5
                 return
             s.setblocking(False)
             c = Conn(self.next_id, s, peer, up_index=self.rr % len(self.upstream_addrs))
@@ -347,7 +593,13 @@ class Proxy:
         while c.tries < len(self.upstream_addrs):
             fam, sa = self.upstream_addrs[c.up_index]
             c.tries += 1
-            u = socket.socket(fam, socket.SOCK_STREAM)
+            try:
+                u = socket.socket(fam, socket.SOCK_STREAM)
+            except OSError as e:  # EMFILE, ENOBUFS: no upstream will do better now
+                self.m.errors_total += 1
+                log.error("conn %d: cannot create an upstream socket: %s", c.id, e)
+                self._reset_conn(c, "no socket", "no_upstream")
+                return
             u.setblocking(False)
             rc = u.connect_ex(sa)
             if rc in (0, errno.EINPROGRESS):
@@ -356,12 +608,13 @@ class Proxy:
                 if rc == 0:
                     self._splice(c)
                 else:
+                    self.connecting[c.id] = c
                     self.sel.register(u, selectors.EVENT_WRITE, ("connect", c))
                 return
             u.close()
             self._connect_failed(c, os.strerror(rc))
-        log.warning("conn %d: no upstream reachable, closing the client", c.id)
-        self._close(c, "no upstream")
+        log.warning("conn %d: no upstream reachable, resetting the client", c.id)
+        self._reset_conn(c, "no upstream", "no_upstream")
 
     def _connect_failed(self, c: Conn, why: str) -> None:
         self.m.errors_total += 1
@@ -369,6 +622,7 @@ class Proxy:
         c.up_index = (c.up_index + 1) % len(self.upstream_addrs)
 
     def _drop_upstream(self, c: Conn) -> None:
+        self.connecting.pop(c.id, None)
         if c.upstream is not None:
             try:
                 self.sel.unregister(c.upstream)
@@ -389,32 +643,89 @@ class Proxy:
         self.sel.unregister(c.upstream)
         self._splice(c)
 
-    def _check_connect_timeouts(self) -> None:
-        now = time.monotonic()
-        for c in [c for c in self.conns.values() if not c.spliced and c.upstream is not None]:
-            if now >= c.deadline:
-                if _writable(c.upstream):
-                    # Connected while this loop was busy elsewhere: the
-                    # event is still in the selector's queue.
-                    self._connected(c)
-                    continue
-                self._drop_upstream(c)
-                self._connect_failed(c, "connect timed out")
-                self._try_connect(c)
+    def _check_connect_timeouts(self, now: float) -> None:
+        for c in [c for c in self.connecting.values() if now >= c.deadline]:
+            if c.closed or c.spliced or c.upstream is None:
+                continue
+            if _writable(c.upstream):
+                # Connected while this loop was busy elsewhere: the
+                # event is still in the selector's queue.
+                self._connected(c)
+                continue
+            self._drop_upstream(c)
+            self._connect_failed(c, "connect timed out")
+            self._try_connect(c)
 
     def _splice(self, c: Conn) -> None:
+        self.connecting.pop(c.id, None)
         c.spliced = True
         try:
             for src, dst, d in ((c.client, c.upstream, UP), (c.upstream, c.client, DOWN)):
-                sp = self.engine.splice(src, dst, idle=self.opts.idle)
+                # No idle= here: an idle timeout per direction would end a
+                # quiet upload under a streaming download; --idle is kept
+                # per connection (_check_idle).
+                sp = self.engine.splice(src, dst)
                 c.splices.append(sp)
                 self.splices[sp] = (c, d)
-        except OSError as e:
-            # ENOTCONN / EPIPE: the client went away while we connected.
-            log.info("conn %d: cannot splice: %s", c.id, e)
-            self._close(c, "splice failed")
+        except Exception as e:
+            # Usually ENOTCONN or EPIPE: the client went away while we
+            # connected. But a refusal for any other reason (EINVAL, ENOSPC,
+            # EBUSY, ...) would go on breaking every connection, so each
+            # one is a warning, and an unexpected exception an error.
+            self.m.errors_total += 1
+            if isinstance(e, OSError):
+                log.warning("conn %d: the engine refused to splice: %s", c.id, e)
+            else:
+                log.exception("conn %d: splice failed", c.id)
+            self._reset_conn(c, "splice refused", "splice_refused")
             return
+        if self.opts.idle is not None:
+            now = time.monotonic()
+            c.quiet_since = now
+            self._arm_idle(c, now + self.opts.idle / IDLE_SLICES)
         log.debug("conn %d spliced to %s", c.id, fmt_addr(c.upstream.getpeername()))
+
+    # -- --idle: a deadline heap, looked at lazily ----------------------------
+
+    def _arm_idle(self, c: Conn, when: float) -> None:
+        c.look_at = when
+        heapq.heappush(self.idle_heap, (when, c.id))
+        if len(self.idle_heap) > 2 * len(self.conns) + 1024:
+            # Closed connections' entries wait for their time to come; with
+            # a long --idle and many short connections they would pile up.
+            self.idle_heap = [(x.look_at, x.id) for x in self.conns.values()
+                              if x.spliced and not x.closed]
+            heapq.heapify(self.idle_heap)
+
+    def _check_idle(self, now: float) -> None:
+        """Reset the connections that moved no byte either way for --idle.
+
+        Only connections whose deadline has come are looked at (two byte
+        counts each). One that moved since the last look is looked at again
+        a slice of --idle later; one that did not, when --idle will have
+        passed since it last moved. So the timeout fires between --idle and
+        --idle * (1 + 1/IDLE_SLICES) after the last byte, a busy connection
+        costs IDLE_SLICES looks per --idle, and a quiet one two looks.
+        """
+        idle = self.opts.idle
+        # self.idle_heap, not a local: _arm_idle may replace the list.
+        while self.idle_heap and self.idle_heap[0][0] <= now:
+            _, cid = heapq.heappop(self.idle_heap)
+            c = self.conns.get(cid)
+            if c is None or c.closed:
+                continue
+            total = sum(sp.bytes for sp in c.splices)
+            if total != c.seen:
+                c.seen, c.quiet_since = total, now
+                self._arm_idle(c, now + idle / IDLE_SLICES)
+            elif now - c.quiet_since >= idle:
+                log.info("conn %d: no byte either way for %.1f s (--idle %g): resetting",
+                         c.id, now - c.quiet_since, idle)
+                self._reset_conn(c, "idle", "idle")
+            else:
+                self._arm_idle(c, c.quiet_since + idle)
+
+    # -- the end of a connection ----------------------------------------------
 
     def _reap(self) -> None:
         for sp in self.engine.reap():
@@ -428,49 +739,58 @@ class Proxy:
             self.m.dissolve[reason] = self.m.dissolve.get(reason, 0) + 1
             if c.closed:
                 continue
+            source, drain = (c.client, c.upstream) if d == UP else (c.upstream, c.client)
+            if err == 0 and _reset_not_fin(source, other_done=(DOWN if d == UP else UP) in c.done):
+                log.debug("conn %d: %s splice ended with EOF, but its source was reset", c.id, d)
+                err, reason = errno.ECONNRESET, "ECONNRESET"
             if err == 0:
-                drain = c.upstream if d == UP else c.client
+                # A clean end, and only that, is passed on as a FIN.
+                log.debug("conn %d: %s splice ended with EOF: passing the FIN on", c.id, d)
                 try:
                     drain.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
                 c.done.add(d)
                 if len(c.done) == 2:
-                    self._close(c, "done", graceful=True)
+                    self._close(c, "done")
             else:
-                if err not in (errno.ETIMEDOUT,):
-                    self.m.errors_total += 1
-                self._close(c, f"{d} {reason}")
+                # The source was reset (ECONNRESET), the drain failed
+                # (EPIPE), ...: the stream is cut, and both peers must
+                # learn that it is, not see a FIN that says it is whole.
+                self.m.errors_total += 1
+                log.info("conn %d: %s splice ended with %s: resetting both sides", c.id, d, reason)
+                self._reset_conn(c, f"{d} {reason}", "error")
 
-    def _close(self, c: Conn, why: str, graceful: bool = False) -> None:
+    def _reset_conn(self, c: Conn, why: str, reason: str) -> None:
+        """End `c` with a reset on both sides (see the module docstring)."""
+        if c.closed:
+            return
+        self.m.resets[reason] = self.m.resets.get(reason, 0) + 1
+        self._close(c, why, reset=True)
+
+    def _close(self, c: Conn, why: str, reset: bool = False) -> None:
+        """Forget `c` and close its sockets: normally once both directions
+        have passed their FIN on, with a reset otherwise (`_reset_conn`)."""
         if c.closed:
             return
         c.closed = True
-        log.debug("conn %d closed: %s", c.id, why)
+        log.debug("conn %d closed: %s%s", c.id, why, " (reset)" if reset else "")
         self.conns.pop(c.id, None)
+        self.connecting.pop(c.id, None)
         for s in (c.client, c.upstream):
-            if s is not None and s.fileno() >= 0 and s.fileno() in self.sel.get_map():
-                self.sel.unregister(s)
-        socks = [c.client]
-        if c.upstream is not None:
-            try:
-                self.sel.unregister(c.upstream)
-            except (KeyError, ValueError):
-                pass
-            socks.append(c.upstream)
-        for s in socks:
-            if not graceful:
-                # The engine holds its own dups until a splice flushes;
-                # shutting the socket itself ends any live splice at once
-                # and lets both peers see the end now.
+            if s is not None:
                 try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
+                    self.sel.unregister(s)
+                except (KeyError, ValueError):
                     pass
-            s.close()
-        if not self.stopping and not self.accepting and self.listener is not None:
-            if not self.opts.max_conns or len(self.conns) < self.opts.max_conns:
-                self._set_accepting(True)
+        for s in (c.client, c.upstream):
+            if s is None:
+                continue
+            if reset:
+                _reset(s)
+            else:
+                s.close()
+        self._resume_accepting()
 
     # -- metrics over HTTP, in the same loop ---------------------------------
 
@@ -517,8 +837,8 @@ class Proxy:
     # -- the end -------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        for c in list(self.conns.values()):
-            self._close(c, "exit")
+        for c in list(self.conns.values()):   # only after an exception in the loop
+            self._reset_conn(c, "exit", "exit")
         self._close_listener()
         for key in list(self.sel.get_map().values()):
             if key.data and key.data[0] == "http":
@@ -538,22 +858,12 @@ def run_cli(args) -> int:
     """`splicectl proxy` from parsed arguments. Raises UsageError."""
     import signal
 
-    if args.connect_timeout <= 0:
-        raise UsageError("--connect-timeout must be > 0")
-    if args.idle is not None and args.idle <= 0:
-        raise UsageError("--idle must be > 0 seconds")
-    if args.max_conns < 0:
-        raise UsageError("--max-conns must be >= 0")
-    if args.grace < 0:
-        raise UsageError("--grace must be >= 0")
-    if args.backlog_cap is not None and args.backlog_cap < 65536:
-        raise UsageError("--backlog-cap must be at least 65536 bytes")
+    # main's argument types parsed and checked every value; Proxy.start()
+    # checks them again (check_options) for callers that build Options.
     opts = Options(
-        listen=parse_addr(args.listen, listen=True),
-        upstreams=[parse_addr(u) for u in args.upstream],
+        listen=args.listen, upstreams=args.upstream,
         connect_timeout=args.connect_timeout, idle=args.idle, max_conns=args.max_conns,
-        backlog_cap=args.backlog_cap,
-        metrics=parse_addr(args.metrics, listen=True) if args.metrics else None,
+        backlog_cap=args.backlog_cap, metrics=args.metrics,
         grace=args.grace, check_upstreams=not args.no_check, backend=args.backend,
     )
     proxy = Proxy(opts)

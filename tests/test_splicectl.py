@@ -233,6 +233,62 @@ def test_bad_arguments_exit_2_with_one_line(args):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("option,value", [
+    ("--idle", "inf"), ("--idle", "nan"), ("--idle", "-1"), ("--idle", "0"),
+    ("--idle", "0.0001"), ("--idle", "1e300"), ("--idle", "x"),
+    ("--grace", "inf"), ("--grace", "nan"), ("--grace", "-1"), ("--grace", "0.0001"),
+    ("--grace", "-inf"), ("--grace", "1e300"),
+    ("--connect-timeout", "inf"), ("--connect-timeout", "nan"), ("--connect-timeout", "-1"),
+    ("--connect-timeout", "0"), ("--connect-timeout", "0.0001"), ("--connect-timeout", "1e300"),
+    ("--max-conns", "-1"), ("--max-conns", "1.5"), ("--max-conns", "inf"),
+    ("--max-conns", "100000000"),
+    ("--backlog-cap", "inf"), ("--backlog-cap", "nan"), ("--backlog-cap", "-1"),
+    ("--backlog-cap", "1K"), ("--backlog-cap", "1G"), ("--backlog-cap", "1e400"),
+    ("--metrics", "127.0.0.1:70000"), ("--metrics", "127.0.0.1:-1"),
+    ("--metrics", "nonsense"), ("--metrics", "127.0.0.1:0x50"),
+    ("LISTEN", "127.0.0.1:65536"), ("LISTEN", "127.0.0.1:-5"), ("LISTEN", "127.0.0.1:1e3"),
+    ("UPSTREAM", "127.0.0.1:0"), ("UPSTREAM", "127.0.0.1:65536"),
+])
+def test_bad_values_are_refused_at_start(option, value):
+    """Each bad value: exit 2 and one stderr line that names the option,
+    before any connection could be broken by it."""
+    listen, upstream, extra = "127.0.0.1:0", "127.0.0.1:9", []
+    if option == "LISTEN":
+        listen = value
+    elif option == "UPSTREAM":
+        upstream = value
+    else:
+        extra = [option, value]
+    try:
+        r = subprocess.run([PY, "-m", "splicectl", "proxy", listen, upstream, *extra,
+                            "--no-check", "--backend", "worker"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{option} {value} was accepted: the proxy started")
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    name = value if option in ("LISTEN", "UPSTREAM") else option
+    assert name in lines[0], lines[0]
+
+
+def test_upstream_that_is_the_listener_is_refused():
+    """An upstream that is the proxy's own LISTEN address would loop every
+    connection back into the proxy until it runs out of fds."""
+    with socket.socket() as probe:              # a free port, then let it go
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        r = subprocess.run([PY, "-m", "splicectl", "proxy", f"127.0.0.1:{port}",
+                            f"127.0.0.1:{port}", "--no-check", "--backend", "worker"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the proxy started with itself as its upstream")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], r.stderr
+
+
 @pytest.fixture
 def http_server(tmp_path):
     """Python's http.server on loopback, serving a few files of random bytes."""
