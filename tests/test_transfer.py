@@ -349,29 +349,6 @@ def test_drain_reset_by_peer(env):
     assert sosplice.getsplice(L1) == moved
 
 
-def test_source_reset_by_peer_ends_with_econnreset(env):
-    """Issue 11, item 3: a source whose peer resets ends its splice with
-    ECONNRESET, never 0, so a caller can tell a cut stream from a finished
-    one; every byte that arrived before the reset is moved first. (bpf
-    ended it with 0: EPOLLRDHUP comes with a FIN and a reset alike.) The
-    opposite splice, whose drain is that socket, ends with EPIPE."""
-    L0, L1 = env.pair()
-    R0, R1 = env.pair()
-    stream = Stream(8)
-    sp = sosplice.splice(L1, R0)
-    back = sosplice.splice(R0, L1)
-    L0.sendall(stream.read(0, 300_000))
-    assert recv_exactly(R1, 300_000) == stream.read(0, 300_000)
-    L0.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    L0.close()
-    err = sp.wait(timeout=10)
-    assert err == errno.ECONNRESET, f"dissolved with {errno.errorcode.get(err, err)}"
-    assert sp.bytes == 300_000
-    R1.sendall(b"to a reset peer")
-    err = back.wait(timeout=10)
-    assert err == errno.EPIPE, f"dissolved with {errno.errorcode.get(err, err)}"
-
-
 # --------------------------------------------------------------------------
 # many splices at once
 

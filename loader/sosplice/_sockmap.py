@@ -594,12 +594,7 @@ class SockmapSplicer(Splicer):
         elif rec.max and rec.bytes >= rec.max and not rec.pending:
             self._dissolve(rec, errno.EFBIG)
         elif rec.eof and rec.fifo == 0 and not rec.pending:
-            # EPOLLRDHUP comes with a FIN and with a reset alike. A reset
-            # source is in CLOSE (a FIN leaves it in CLOSE_WAIT, or
-            # TIME_WAIT if it had shut down its own side); its end must not
-            # look like a complete stream (SO_ERROR is left to the app).
-            reset = _sock.tcp_state(rec.src) == _sock.TCP_CLOSE
-            self._dissolve(rec, errno.ECONNRESET if reset else 0)
+            self._dissolve(rec, 0)
         elif rec.idle_ns and self._idle_expired(rec):
             self._dissolve(rec, errno.ETIMEDOUT)
         if rec.state is State.DISSOLVING:
