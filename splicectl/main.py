@@ -50,18 +50,26 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _seconds(*, zero_ok: bool = False):
-    """argparse type: a duration the proxy can keep (proxy.check_seconds)."""
-    def parse(text: str) -> float:
+def _checked(check):
+    """argparse type from one of proxy's checks: its UsageError becomes
+    argparse's one-line error, which names the option."""
+    def parse(text: str):
         try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        try:
-            return _proxy.check_seconds(v, zero_ok=zero_ok)
+            return check(text)
         except _proxy.UsageError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse
+
+
+def _seconds(*, zero_ok: bool = False):
+    """argparse type: a duration the proxy can keep (proxy.check_seconds)."""
+    def check(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise _proxy.UsageError(f"{text!r} is not a number of seconds") from None
+        return _proxy.check_seconds(v, zero_ok=zero_ok)
+    return _checked(check)
 
 
 def _count(text: str) -> int:
@@ -91,20 +99,12 @@ def _size(text: str) -> int:
 
 
 def _backlog_cap(text: str) -> int:
-    try:
-        return _proxy.check_backlog_cap(_size(text))
-    except _proxy.UsageError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return _proxy.check_backlog_cap(_size(text))
 
 
 def _addr(*, listen: bool):
     """argparse type: HOST:PORT (proxy.parse_addr) as (host, port)."""
-    def parse(text: str) -> tuple[str, int]:
-        try:
-            return _proxy.parse_addr(text, listen=listen)
-        except _proxy.UsageError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return parse
+    return _checked(lambda text: _proxy.parse_addr(text, listen=listen))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--max-conns", type=_count, default=0, metavar="N",
                     help="stop accepting beyond N live connections (0 = no limit); the fd "
                          "limit is raised to fit N, up to its hard limit")
-    px.add_argument("--backlog-cap", type=_backlog_cap, default=None, metavar="BYTES",
+    px.add_argument("--backlog-cap", type=_checked(_backlog_cap), default=None, metavar="BYTES",
                     help="kernel bytes held per splice beyond socket buffers, 64K to 256M "
                          "(default 4M)")
     px.add_argument("--metrics", metavar="HOST:PORT", default=None, type=_addr(listen=True),

@@ -92,24 +92,19 @@ def check_options(o: Options) -> None:
     main checks the same while parsing; this is for callers that build
     Options themselves, so that no bad value reaches a connection.
     """
-    for name, value, zero_ok in (("--connect-timeout", o.connect_timeout, False),
-                                 ("--grace", o.grace, True)):
+    checks = [("--connect-timeout", check_seconds, o.connect_timeout),
+              ("--grace", lambda v: check_seconds(v, zero_ok=True), o.grace)]
+    if o.idle is not None:
+        checks.append(("--idle", check_seconds, o.idle))
+    if o.backlog_cap is not None:
+        checks.append(("--backlog-cap", check_backlog_cap, o.backlog_cap))
+    for name, check, value in checks:
         try:
-            check_seconds(value, zero_ok=zero_ok)
+            check(value)
         except UsageError as e:
             raise UsageError(f"{name} {e}") from None
-    if o.idle is not None:
-        try:
-            check_seconds(o.idle)
-        except UsageError as e:
-            raise UsageError(f"--idle {e}") from None
     if o.max_conns < 0:
         raise UsageError(f"--max-conns must be >= 0 (0: no limit), not {o.max_conns}")
-    if o.backlog_cap is not None:
-        try:
-            check_backlog_cap(o.backlog_cap)
-        except UsageError as e:
-            raise UsageError(f"--backlog-cap {e}") from None
     if not o.upstreams:
         raise UsageError("at least one UPSTREAM is needed")
 

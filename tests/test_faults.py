@@ -1002,12 +1002,12 @@ def test_proxy_across_namespaces_small_mtu():
 
 def _bpf_maps(engine: sosplice.Splicer) -> dict[str, int]:
     prog = engine._prog
-    return {"sources": len(prog.sock_keys(prog.sources_fd)),
-            "drains": len(prog.sock_keys(prog.drains_fd)),
+    return {"sources": len(prog.keys(prog.sources_fd)),
+            "drains": len(prog.keys(prog.drains_fd)),
             # ctl and stats are arrays: count the slots still owned, and
             # the sources that still map to a slot.
             "ctl": sum(1 for c in prog.ctl if c.source),
-            "slots": len(prog.sock_keys(prog.slots_fd))}
+            "slots": len(prog.keys(prog.slots_fd))}
 
 
 @pytest.mark.bpf_only
@@ -1064,6 +1064,6 @@ def test_bpf_maps_empty_after_faults(env, splicer):
         wait_until(lambda: _bpf_maps(splicer) == empty, 10,
                    f"{fault}: maps empty (now {_bpf_maps(splicer)})", interval=0.05)
         prog = splicer._prog
-        assert not cookies & (prog.sock_keys(prog.sources_fd) | prog.sock_keys(prog.drains_fd))
+        assert not cookies & (prog.keys(prog.sources_fd) | prog.keys(prog.drains_fd))
     assert_serves(env, splicer)
     assert _bpf_maps(splicer) == empty

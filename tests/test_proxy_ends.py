@@ -26,7 +26,7 @@ from typing import Callable
 import pytest
 
 from conftest import outq
-from test_splicectl import Proxy
+from test_splicectl import proxies  # noqa: F401  (a fixture)
 
 LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -82,14 +82,6 @@ def servers():
     yield lambda handler: started.append(Server(handler)) or started[-1]
     for s in started:
         s.close()
-
-
-@pytest.fixture
-def proxies():
-    started: list[Proxy] = []
-    yield lambda *a: started.append(Proxy(*a)) or started[-1]
-    for p in started:
-        p.stop(signal.SIGKILL)
 
 
 def read_to_end(s: socket.socket, timeout: float = 15) -> tuple[bytes, str]:

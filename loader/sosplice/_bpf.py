@@ -150,30 +150,22 @@ class Programs:
         return mmap.mmap(self._map_fd(name), size, mmap.MAP_SHARED,
                          mmap.PROT_READ | mmap.PROT_WRITE)
 
-    def slot_insert(self, cookie: int, slot: int) -> None:
-        key, val = ct.c_uint64(cookie), ct.c_uint32(slot)
-        if self._lib.bpf_update_elem(self.slots_fd, ct.byref(key), ct.byref(val), BPF_NOEXIST) < 0:
-            err = ct.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    def slot_delete(self, cookie: int) -> None:
-        key = ct.c_uint64(cookie)
-        self._lib.bpf_delete_elem(self.slots_fd, ct.byref(key))
 
     # bcc's Table refuses sockhash maps (KERNEL-NOTES), so these go through
-    # libbcc directly on the map fd.
-    def sock_insert(self, map_fd: int, cookie: int, fd: int) -> None:
+    # libbcc directly on the map fd. Every such map is keyed by a socket
+    # cookie and holds a u32: an fd for the two sockhashes, a slot in `slots`.
+    def insert(self, map_fd: int, cookie: int, value: int) -> None:
         key = ct.c_uint64(cookie)
-        val = ct.c_uint32(fd)
+        val = ct.c_uint32(value)
         if self._lib.bpf_update_elem(map_fd, ct.byref(key), ct.byref(val), BPF_NOEXIST) < 0:
             err = ct.get_errno()
             raise OSError(err, os.strerror(err))
 
-    def sock_delete(self, map_fd: int, cookie: int) -> None:
+    def delete(self, map_fd: int, cookie: int) -> None:
         key = ct.c_uint64(cookie)
         self._lib.bpf_delete_elem(map_fd, ct.byref(key))
 
-    def sock_keys(self, map_fd: int) -> set[int]:
+    def keys(self, map_fd: int) -> set[int]:
         keys: set[int] = set()
         key = ct.c_uint64(0)
         nxt = ct.c_uint64(0)

@@ -29,7 +29,3 @@ class SpliceEvent(ct.Structure):
 
 
 U64 = 1 << 64
-
-
-def key(cookie: int) -> ct.c_uint64:
-    return ct.c_uint64(cookie)

@@ -12,6 +12,8 @@ TCP_INFO = 11
 _TCPI_BYTES_ACKED = 120
 _TCPI_LEN = 128
 
+SIOCATMARK = 0x8905
+
 TCP_ESTABLISHED = 1
 TCP_CLOSE_WAIT = 8
 # States in which a socket can still send.
@@ -35,9 +37,17 @@ def progress(s: socket.socket) -> tuple[int, int, int]:
     """
     info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_LEN)
     acked = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
-    outq = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-    return info[0], acked, outq
+    return info[0], acked, _int_ioctl(s, termios.TIOCOUTQ)
+
+
+def _int_ioctl(s: socket.socket, request: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(s.fileno(), request, b"\0" * 4))[0]
 
 
 def inq(s: socket.socket) -> int:
-    return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    return _int_ioctl(s, termios.FIONREAD)
+
+
+def at_mark(s: socket.socket) -> bool:
+    """Whether the next byte to read is the urgent mark (sockatmark(3))."""
+    return bool(_int_ioctl(s, SIOCATMARK))

@@ -189,14 +189,14 @@ class SockmapSplicer(Splicer):
             # bulk speed (KERNEL-NOTES 14).
             dst.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * self.backlog_cap)
         try:
-            self._prog.sock_insert(self._prog.drains_fd, dcookie, dst.fileno())
+            self._prog.insert(self._prog.drains_fd, dcookie, dst.fileno())
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EEXIST):
                 raise _err(e.errno, f"cannot add the drain to the sockmap: {e.strerror}") from None
             drain_in_map = e.errno == errno.EEXIST
         if not self._free_slots:
             if drain_in_map:
-                self._prog.sock_delete(self._prog.drains_fd, dcookie)
+                self._prog.delete(self._prog.drains_fd, dcookie)
             raise _err(errno.ENOSPC, f"the engine is full ({self._max_sockets} splices); "
                        "create the Splicer with a larger max_sockets")
         rec = SockmapRecord(
@@ -217,7 +217,7 @@ class SockmapSplicer(Splicer):
         except BaseException:
             self._release_slot(rec)
             if drain_in_map:
-                self._prog.sock_delete(self._prog.drains_fd, dcookie)
+                self._prog.delete(self._prog.drains_fd, dcookie)
             raise
         return rec
 
@@ -244,18 +244,17 @@ class SockmapSplicer(Splicer):
         """
         st = self._prog.stats[rec.slot]
         st.moved = st.passed = st.last_ns = 0
-        c = self._prog.ctl[rec.slot]
-        c.source = 0
+        c = self._prog.ctl[rec.slot]  # a free slot has no owner (source 0)
         c.drain, c.credit, c.notify_at, c.copied = rec.dst_cookie, 0, 0, _HOLD
         c.source = rec.src_cookie
-        self._prog.slot_insert(rec.src_cookie, rec.slot)
+        self._prog.insert(self._prog.slots_fd, rec.src_cookie, rec.slot)
         rec.published = (0, _HOLD, 0)
 
     def _release_slot(self, rec: SockmapRecord) -> None:
         """The verdict passes uncounted from here on; the slot goes to the
         back of the free list."""
         self._prog.ctl[rec.slot].source = 0
-        self._prog.slot_delete(rec.src_cookie)
+        self._prog.delete(self._prog.slots_fd, rec.src_cookie)
         self._free_slots.append(rec.slot)
 
     def _hold(self, rec: SockmapRecord, copied: int = _HOLD) -> None:
@@ -292,7 +291,7 @@ class SockmapSplicer(Splicer):
         if self._prefetch(rec):
             return True  # EOF or the limit reached by queued bytes alone
         try:
-            self._prog.sock_insert(self._prog.sources_fd, c, rec.src.fileno())
+            self._prog.insert(self._prog.sources_fd, c, rec.src.fileno())
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP and _sock.tcp_state(rec.src) == _sock.TCP_CLOSE_WAIT:
                 # The peer's FIN arrived after _prefetch looked: nothing
@@ -334,7 +333,7 @@ class SockmapSplicer(Splicer):
     def _prune_sources(self) -> set[int]:
         """Forget sources the kernel dropped from the map (closed); return
         the cookies still in it."""
-        alive = self._prog.sock_keys(self._prog.sources_fd)
+        alive = self._prog.keys(self._prog.sources_fd)
         for gone in self._sources - alive:
             _CLAIMED.pop(gone, None)
         self._sources &= alive
@@ -650,14 +649,14 @@ class SockmapSplicer(Splicer):
         assert self._live.get(rec.src_cookie) is rec and self._drains.get(rec.dst_cookie) is rec
         self._release_slot(rec)
         if rec.drain_in_map:
-            self._prog.sock_delete(self._prog.drains_fd, rec.dst_cookie)
+            self._prog.delete(self._prog.drains_fd, rec.dst_cookie)
         if rec.eof and rec.fifo == 0 and rec.src_cookie not in self._drains:
             # After FIN nothing more can arrive and nothing is queued:
             # the one moment a source leaves its map losslessly (invariant
             # 4). Not while it is the drain of the other direction: taking
             # it out of `sources` then drops its redirect backlog (measured:
             # tests/test_transfer.py::test_eof_one_way_while_other_way_busy).
-            self._prog.sock_delete(self._prog.sources_fd, rec.src_cookie)
+            self._prog.delete(self._prog.sources_fd, rec.src_cookie)
             self._sources.discard(rec.src_cookie)
             _CLAIMED.pop(rec.src_cookie, None)
         if rec.fifo > 0 and self._app_closed(rec, 0):

@@ -43,7 +43,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -65,8 +64,6 @@ STEP_BUDGET = 4 << 20
 # unprivileged pipe-max-size (1 MiB by default) F_SETPIPE_SZ needs
 # CAP_SYS_RESOURCE, and the default size stays if it is refused.
 PIPE_MAX = 1 << 20
-# ioctl: is the socket's next byte the urgent mark? (sockatmark(3))
-SIOCATMARK = 0x8905
 
 log = logging.getLogger("sosplice")
 
@@ -409,12 +406,12 @@ class _Worker:
         """
         src = rec.src
         try:
-            at_mark = struct.unpack("i", fcntl.ioctl(src.fileno(), SIOCATMARK, b"\0" * 4))[0]
+            at_mark = _sock.at_mark(src)
             peek = src.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             # Nothing queued: the urgent pointer came before its byte, or
             # EAGAIN was just that. EPOLLPRI (the byte) or EPOLLIN follows.
-            rec.urgent = bool(at_mark)
+            rec.urgent = at_mark
             return -1
         except OSError as e:
             self.dissolve(rec, e.errno or errno.EIO)
