@@ -534,7 +534,7 @@ def test_idle_fires_while_other_direction_runs(env, splicer):
 
 
 @pytest.mark.parametrize("traffic", ["quiet", "drain_stalled", "full_speed"])
-def test_splicer_closed_with_live_splices(env, backend, traffic, request):
+def test_splicer_closed_with_live_splices(env, backend, traffic):
     """close() on a private Splicer with a live bidirectional splice ends
     both splices with 0; every moved byte reaches the drain's peers in
     order; every byte not moved is readable on the former sources, which
@@ -545,10 +545,6 @@ def test_splicer_closed_with_live_splices(env, backend, traffic, request):
     drain_stalled: the writers wait at a gate, a's drain's peer is not
     reading (a is throttled: bytes wait on its source); it reads again
     half a second into the close. full_speed: both ways at full speed."""
-    if backend == "bpf" and traffic != "quiet":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: bpf: Splicer.close() with a throttled live splice loses the bytes queued "
-            "on the source and wedges it (Recv-Q stuck, the peer's writes hang)")))
     eng = sosplice.Splicer()
     env.closers.append(eng.close)
     L0, L1 = env.pair()

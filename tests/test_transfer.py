@@ -264,6 +264,58 @@ def test_unsplice_mid_transfer_is_lossless(env):
     assert sosplice.getsplice(L1) == moved
 
 
+def test_sockets_are_plain_after_the_engine_closes(env, backend):
+    """Issue 11, item 2: after `Splicer.close()` a former source and drain
+    behave as plain sockets. Bytes the close left on the source (passed by
+    a throttled splice and never taken) are readable there, in order after
+    what reached the drain; so are bytes sent after the close, and the
+    drain carries a plain send both ways. On bpf the former source stayed
+    in a sockmap that close() tore down under it: FIONREAD showed the bytes
+    and recv() never returned them."""
+    L0, L1 = env.pair()
+    R0, R1 = env.pair()
+    M0, M1 = env.pair()
+    N0, N1 = env.pair()
+    stream = Stream(77)
+    first = 8 * MiB
+    eng = sosplice.Splicer(backend=backend, backlog_cap=1 << 16)
+    try:
+        sp = eng.splice(L1, R0)
+        other = eng.splice(M1, N0)
+        M0.sendall(b"before")
+        assert recv_exactly(N1, 6) == b"before"
+        # R1 reads nothing at first: the splice throttles, bytes wait on L1.
+        sender = env.start(Sender(L0, stream, first, shutdown=False, deadline=60))
+        last = -1
+        while sp.bytes != last:
+            last = sp.bytes
+            time.sleep(0.3)
+        assert sp.bytes < first, "the splice never throttled"
+        drained = env.start(Receiver(R1, keep=True, deadline=60))
+    finally:
+        eng.close()
+    M0.sendall(b"right after close")
+    assert not sp.active and sp.error == 0 and other.error == 0
+    moved = sp.bytes
+    R0.shutdown(socket.SHUT_WR)
+    drained.check(30)
+    assert drained.count == moved
+    rest = env.start(Receiver(L1, expect=first - moved, until_eof=False, keep=True, deadline=60))
+    rest.check(60)                                     # what was left on the source
+    sender.check(10)
+    assert sha(bytes(drained.data) + bytes(rest.data)) == stream.sha256(0, first)
+    L0.sendall(b"after close")
+    assert recv_exactly(L1, 11) == b"after close"
+    assert fionread(L1) == 0
+    R1.sendall(b"up")
+    assert recv_exactly(R0, 2) == b"up"
+    # The issue's case: bytes sent right after close(), while a bpf engine
+    # used to tear its sockmap down under the former source.
+    assert recv_exactly(M1, 17) == b"right after close"
+    N1.sendall(b"back")
+    assert recv_exactly(N0, 4) == b"back"
+
+
 # --------------------------------------------------------------------------
 # a drain reset by its peer
 

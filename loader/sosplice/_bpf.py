@@ -141,6 +141,15 @@ class Programs:
         self.ctl = (SpliceCtl * max_sockets).from_buffer(self._mmaps[0])
         self.stats = (SpliceStats * max_sockets).from_buffer(self._mmaps[1])
         self.events_fd = self._map_fd(b"events")
+        # One ring buffer callback for the life of the programs; the engine
+        # that owns them now sets `on_event` (see _sockmap.adopt_programs).
+        self.max_sockets = max_sockets
+        self.on_event = None
+        self.bpf[b"events"].open_ring_buffer(self._dispatch)
+
+    def _dispatch(self, ctx: object, data: object, size: int) -> None:
+        if self.on_event is not None:
+            self.on_event(ctx, data, size)
 
     def _map_fd(self, name: bytes) -> int:
         return self._lib.bpf_table_fd(self.bpf.module, name)

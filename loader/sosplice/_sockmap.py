@@ -57,6 +57,38 @@ _HOLD = 1 << 63  # a `copied` value `passed` never reaches: pass everything
 # engine of this process: a socket can have one verdict program only.
 _CLAIMED: dict[int, SockmapSplicer] = {}
 
+# Programs of closed engines whose `sources` map still holds open sockets.
+# A socket leaves its sockmap only losslessly when nothing is queued in its
+# psock and nothing can arrive meanwhile (KERNEL-NOTES 7, 13): tearing the
+# map down under a former source drops the bytes its verdict passed and
+# leaves the socket unreadable (FIONREAD shows them, recv() never returns
+# them: issue 11, item 2). So closing an engine keeps the verdict (which
+# passes everything: no slot has an owner) and its maps until the last of
+# those sockets is closed; the next engine of the same size adopts them,
+# and with them its former sources, which it can splice again.
+_RETIRED: list[Programs] = []
+_RETIRED_LOCK = threading.Lock()
+
+
+def reap_retired() -> None:
+    """Unload the programs of closed engines once no socket is left in
+    their `sources` (the kernel removes a socket from its maps on close)."""
+    with _RETIRED_LOCK:
+        for prog in [p for p in _RETIRED if not p.keys(p.sources_fd)]:
+            _RETIRED.remove(prog)
+            prog.close()
+
+
+def adopt_programs(max_sockets: int) -> Programs:
+    """A closed engine's programs of this size, or new ones."""
+    reap_retired()
+    with _RETIRED_LOCK:
+        for prog in _RETIRED:
+            if prog.max_sockets == max_sockets:
+                _RETIRED.remove(prog)
+                return prog
+    return Programs(max_sockets)
+
 
 @dataclass(eq=False, kw_only=True)
 class SockmapRecord(SpliceRecord):
@@ -118,7 +150,7 @@ class SockmapSplicer(Splicer):
     def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
                  max_sockets: int = 65536) -> None:
         super().__init__(backlog_cap=backlog_cap)
-        self._prog = Programs(max_sockets)
+        self._prog = adopt_programs(max_sockets)
         self._max_sockets = max_sockets
         self._byfd: dict[int, SockmapRecord] = {}       # our dup's fd -> record
         self._sources: set[int] = set()                 # cookies we put in `sources`
@@ -131,7 +163,13 @@ class SockmapSplicer(Splicer):
         self._ep = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake, select.EPOLLIN)
-        self._prog.bpf[b"events"].open_ring_buffer(self._on_event)
+        self._prog.bpf.ring_buffer_consume()  # a former owner's events
+        self._prog.on_event = self._on_event
+        # Former sources of a closed engine: spliced again here, they are
+        # resplices (their psock queue may hold bytes passed meanwhile).
+        self._sources |= self._prog.keys(self._prog.sources_fd)
+        for c in self._sources:
+            _CLAIMED[c] = self
         self._ep.register(self._prog.events_fd, select.EPOLLIN)
         self._rb_hit: list[int] = []
         self._thread = threading.Thread(target=self._run, name="sosplice-controller", daemon=True)
@@ -165,7 +203,10 @@ class SockmapSplicer(Splicer):
         for c in self._sources:
             if _CLAIMED.get(c) is self:
                 del _CLAIMED[c]
-        self._prog.close()
+        self._prog.on_event = None
+        with _RETIRED_LOCK:
+            _RETIRED.append(self._prog)
+        reap_retired()
 
     # -- start --------------------------------------------------------------
 
