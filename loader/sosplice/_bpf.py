@@ -23,7 +23,11 @@ MIN_KERNEL = (6, 16)
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
 CAP_BPF = 39
+
+# Compiled as one object: they share the maps of sosplice.h.
+SOURCES = ("sk_skb_verdict.c", "tcp_reset.c")
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -68,12 +72,13 @@ def _effective_caps() -> int:
 def check_privilege() -> None:
     caps = _effective_caps()
     has = lambda c: bool(caps >> c & 1)  # noqa: E731
-    if not (has(CAP_BPF) or has(CAP_SYS_ADMIN)) or not has(CAP_NET_ADMIN):
+    admin = has(CAP_SYS_ADMIN)
+    if not (has(CAP_BPF) and has(CAP_PERFMON) or admin) or not has(CAP_NET_ADMIN):
         raise PermissionError(
             errno.EPERM,
-            "sosplice: loading sockmap programs needs CAP_BPF (or CAP_SYS_ADMIN) "
-            "and CAP_NET_ADMIN; run as root or grant them, e.g. "
-            "`setcap cap_bpf,cap_net_admin+ep` on the interpreter; or use the "
+            "sosplice: loading the BPF programs needs CAP_BPF and CAP_PERFMON (or "
+            "CAP_SYS_ADMIN) and CAP_NET_ADMIN; run as root or grant them, e.g. "
+            "`setcap cap_bpf,cap_perfmon,cap_net_admin+ep` on the interpreter; or use the "
             "worker backend, which needs neither (backend=\"worker\" or "
             "SOSPLICE_BACKEND=worker)",
         )
@@ -110,17 +115,20 @@ class Programs:
                 "(`make setup` does both)",
             ) from e
         self._lib = libbcc.lib
-        src = bpf_dir() / "sk_skb_verdict.c"
+        where = bpf_dir()
         try:
+            # One text, not #includes: bcc rewrites map calls
+            # (`slots.lookup(...)`) only in its main file. It attaches the
+            # reset probe (a raw tracepoint) itself.
             self.bpf = BPF(
-                src_file=str(src).encode(),
-                cflags=[f"-I{bpf_dir()}", f"-DSOSPLICE_MAX_SOCKETS={int(max_sockets)}"],
+                text=b"\n".join((where / name).read_bytes() for name in SOURCES),
+                cflags=[f"-I{where}", f"-DSOSPLICE_MAX_SOCKETS={int(max_sockets)}"],
             )
             fn = self.bpf.load_func(b"sk_skb_verdict", BPF.SK_SKB)
         except Exception as e:  # bcc raises bare Exception on compile/verify errors
             raise OSError(
                 errno.ENOEXEC,
-                f"sosplice: compiling or verifying {src.name} failed: {e}. "
+                f"sosplice: compiling or verifying {', '.join(SOURCES)} in {where} failed: {e}. "
                 "Is `make setup` done (kernel headers for bcc)?",
             ) from e
         self.sources_fd = self._map_fd(b"sources")

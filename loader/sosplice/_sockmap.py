@@ -111,6 +111,7 @@ class SockmapRecord(SpliceRecord):
     moved: int = 0                 # [K] bytes the verdict redirected
     passed: int = 0                # [K] bytes the verdict left on the source
     last_ns: int = 0               # [K] time of the last redirect
+    reset: int = 0                 # [K] errno of a reset on the source (tcp_reset.c)
 
     @property
     def bytes(self) -> int:
@@ -284,7 +285,7 @@ class SockmapSplicer(Splicer):
         (pass, uncounted: nothing is spliced yet) or a whole holding entry.
         """
         st = self._prog.stats[rec.slot]
-        st.moved = st.passed = st.last_ns = 0
+        st.moved = st.passed = st.last_ns = st.reset = 0
         c = self._prog.ctl[rec.slot]  # a free slot has no owner (source 0)
         c.drain, c.credit, c.notify_at, c.copied = rec.dst_cookie, 0, 0, _HOLD
         c.source = rec.src_cookie
@@ -500,7 +501,7 @@ class SockmapSplicer(Splicer):
         if rec.state is State.DONE:
             return  # the slot may belong to another splice now
         s = self._stats(rec)
-        rec.moved, rec.passed, rec.last_ns = s.moved, s.passed, s.last_ns
+        rec.moved, rec.passed, rec.last_ns, rec.reset = s.moved, s.passed, s.last_ns, s.reset
 
     def _move(self, rec: SockmapRecord) -> None:
         """One controller step for one splice (OpenBSD's somove).
@@ -593,7 +594,9 @@ class SockmapSplicer(Splicer):
         elif rec.max and rec.bytes >= rec.max and not rec.pending:
             self._dissolve(rec, errno.EFBIG)
         elif rec.eof and rec.fifo == 0 and not rec.pending:
-            self._dissolve(rec, 0)
+            # EPOLLRDHUP comes with a FIN and a reset alike; the probe
+            # told them apart as the reset arrived (bpf/tcp_reset.c).
+            self._dissolve(rec, rec.reset)
         elif rec.idle_ns and self._idle_expired(rec):
             self._dissolve(rec, errno.ETIMEDOUT)
         if rec.state is State.DISSOLVING:

@@ -32,6 +32,12 @@ Invariants (kept in `_step`, `_dissolve` and `_finish`):
      urgent mark (0 after a FIN, EAGAIN before), and `urgent` steps over
      it with recv(). A 0 from splice(2) is EOF only when the source says
      so too.
+  7. A source that was reset ends with ECONNRESET, never 0. The reset's
+     sk_err is consumed by the first call that fails on the socket, and
+     that may be the opposite splice's send to it; so both directions of
+     a connection belong to one worker, and a send that fails with
+     ECONNRESET marks the opposite record (`reset`) before its own
+     source can read the end of the stream.
 """
 from __future__ import annotations
 
@@ -85,6 +91,7 @@ class PipeRecord(SpliceRecord):
     urgent: bool = True            # [W] the source may sit at an urgent mark (EPOLLPRI seen)
     oob_was_off: bool = False      # [I] SO_OOBINLINE was off on the source: turn it off at the end
     idle_at: int = 0               # [W] when the armed idle timer fires (0: none)
+    reset: bool = False            # [W] a send to this source failed with ECONNRESET (invariant 7)
 
     @property
     def bytes(self) -> int:
@@ -115,7 +122,6 @@ class WorkerSplicer(Splicer):
         self._nonblock: dict[int, list] = {}
         n = len(os.sched_getaffinity(0)) or 1
         self._workers = [_Worker(self, i) for i in range(n)]
-        self._next = 0
 
     def close(self) -> None:
         """Unsplice everything (losslessly) and stop the workers. Idempotent."""
@@ -148,8 +154,8 @@ class WorkerSplicer(Splicer):
         if _sock.tcp_state(src) not in _sock.CAN_SEND:
             raise _err(errno.ENOTCONN, "source has shut down its side of the connection; "
                        "splice before calling shutdown() on it")
-        worker = self._workers[self._next % len(self._workers)]
-        self._next += 1
+        # Both directions of a connection on one worker (invariant 7).
+        worker = self._workers[hash(tuple(sorted(inodes))) % len(self._workers)]
         held, held_ok = ((src, inodes[0]), (dst, inodes[1])), []
         rec = None
         pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -343,7 +349,9 @@ class _Worker:
                     n = os.splice(rec.pipe_r, rec.dst.fileno(), rec.taken - rec.sent, flags=FLAGS)
                 except (BlockingIOError, InterruptedError):
                     n = 0
-                except OSError:
+                except OSError as e:
+                    if e.errno == errno.ECONNRESET:
+                        self.mark_reset(rec.dst_cookie)
                     self.drain_died(rec)
                     return
                 rec.sent += n
@@ -367,6 +375,9 @@ class _Worker:
                             return  # the source failed: dissolved
                     if n == 0:
                         rec.eof = True
+                        if rec.reset:  # the end of a reset stream, not a FIN
+                            self.dissolve(rec, errno.ECONNRESET)
+                            return
                     elif n > 0:
                         rec.taken += n
                         rec.last_ns = time.monotonic_ns()
@@ -448,6 +459,13 @@ class _Worker:
             rec.state = State.DISSOLVING
             rec.error = error
         self.step(rec)
+
+    def mark_reset(self, cookie: int) -> None:
+        """A send to `cookie` took its reset: its own splice, if it is a
+        source here, must not take the coming end of stream for a FIN."""
+        other = self.engine._live.get(cookie)
+        if other is not None and other.worker is self:
+            other.reset = True
 
     def drain_died(self, rec: PipeRecord) -> None:
         """The drain cannot send: what the pipe holds dies with it (counted)."""
