@@ -8,6 +8,7 @@ bytes written on R1 come out of L0.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
@@ -500,3 +501,33 @@ def test_v4v6(env):
     assert recv_until_eof(R0, 5) == b""
     assert_nothing_arrives(R1, 0.05)  # R0 was not shut down by the splice
     assert_nothing_arrives(L0, 0.05)
+
+
+def test_splice_under_a_default_timeout(env, splicer):
+    """An application that set socket.setdefaulttimeout() splices as any
+    other: the call returns at once, bytes move, and its sockets keep their
+    blocking mode. (The engine's dups inherited the default timeout: on bpf
+    a recv(MSG_DONTWAIT) on the source then waited out the timeout and
+    splice() failed with TimeoutError; and making a dup turned O_NONBLOCK
+    on in the file the application shares.)"""
+    L0, L1 = env.pair()
+    R0, R1 = env.pair()
+    blocking = [bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK) for s in (L1, R0)]
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(3.0)
+    try:
+        t0 = time.monotonic()
+        sp = splicer.splice(L1, R0)
+        took = time.monotonic() - t0
+    finally:
+        socket.setdefaulttimeout(old)
+    assert took < 2.0, f"splice() took {took:.1f} s"
+    if splicer.backend == "bpf":  # the worker holds O_NONBLOCK while spliced
+        assert [bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+                for s in (L1, R0)] == blocking
+    L0.sendall(b"x" * 1000)
+    assert recv_exactly(R1, 1000) == b"x" * 1000
+    L0.shutdown(socket.SHUT_WR)
+    assert sp.wait(timeout=10) == 0 and sp.bytes == 1000
+    assert [bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+            for s in (L1, R0)] == blocking

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 
 import pytest
 
@@ -158,3 +159,34 @@ def test_urgent_mark_left_on_the_source(env):
     assert rest == b"a" * 50
     assert L1.recv(1, socket.MSG_OOB) == b"U"
     assert recv_until_eof(L1, 5) == b"b" * 100
+
+
+@pytest.mark.parametrize("fin", [False, True], ids=["open", "fin"])
+def test_urgent_byte_queued_before_the_splice(env, fin):
+    """The urgent byte arrived before the splice started: it is carried in
+    band like one that arrives later. (bpf took bytes queued before the
+    start with a plain recv(), which skips an urgent byte that is not
+    inline: 200 of 201 arrived.) With `fin`, the peer's FIN is queued too,
+    and the source cannot enter a sockmap (CLOSE_WAIT)."""
+    L0, L1 = env.pair()
+    R0, R1 = env.pair()
+    head, tail = b"a" * 100, b"b" * 100
+    L0.sendall(head)
+    send_urgent(L0, b"U")
+    L0.sendall(tail)
+    if fin:
+        L0.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + 10
+    while fionread(L1) < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sp = sosplice.splice(L1, R0)
+    got = recv_exactly(R1, 201)
+    assert got == head + b"U" + tail, f"urgent byte at {got.find(b'U')}"
+    if not fin:
+        L0.shutdown(socket.SHUT_WR)
+    assert sp.wait(timeout=10) == 0
+    assert sp.bytes == 201
+    R0.shutdown(socket.SHUT_WR)
+    assert recv_until_eof(R1, 10) == b""
+    assert_no_urgent_mark(R1)
+    assert_source_clean(L1)

@@ -83,7 +83,7 @@ def _inode_of(fd: int, what: str) -> int:
 
 def _check_socket(fd: int, what: str) -> socket.socket:
     """Validate one end; return a dup of it, ours to close."""
-    s = socket.socket(fileno=os.dup(fd))
+    s = _sock.dup(fd)
     try:
         if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM \
                 or s.proto not in (0, socket.IPPROTO_TCP):
@@ -466,7 +466,7 @@ class Splicer:
     def _cookie_of(self, obj: socket.socket | int) -> int:
         fd = _fd_of(obj, "source")
         _inode_of(fd, "source")
-        s = socket.socket(fileno=os.dup(fd))
+        s = _sock.dup(fd)
         try:
             return _sock.cookie(s)
         finally:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import socket
 import struct
 import termios
@@ -18,6 +19,22 @@ TCP_ESTABLISHED = 1
 TCP_CLOSE_WAIT = 8
 # States in which a socket can still send.
 CAN_SEND = (TCP_ESTABLISHED, TCP_CLOSE_WAIT)
+
+
+def dup(fd: int) -> socket.socket:
+    """A socket object for a dup of `fd` that never waits in Python.
+
+    Made under socket.setdefaulttimeout(t), a socket object polls for up
+    to t before a recv(MSG_DONTWAIT), which would stall the engine's
+    thread, and its constructor turns O_NONBLOCK on in the open file,
+    which the application shares. So: timeout None (recv and send honour
+    MSG_DONTWAIT at once), and the file's flags as they were.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    s = socket.socket(fileno=os.dup(fd))
+    s.settimeout(None)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return s
 
 
 def cookie(s: socket.socket) -> int:

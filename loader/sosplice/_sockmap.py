@@ -392,6 +392,21 @@ class SockmapSplicer(Splicer):
         """
         chunks = [rec.pending]
         want = (rec.max - rec.taken) if rec.max else 1 << 62
+        # In band, as the verdict carries urgent data once spliced: out of
+        # band, recv() would skip an urgent byte already queued.
+        inline = rec.src.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE)
+        if not inline:
+            rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        try:
+            self._take_queued(rec, chunks, want)
+        finally:
+            if not inline:
+                rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 0)
+        rec.pending = b"".join(chunks)
+        rec.taken = rec.q_old = len(rec.pending)
+        return rec.eof or bool(rec.max) and rec.taken >= rec.max
+
+    def _take_queued(self, rec: SockmapRecord, chunks: list[bytes], want: int) -> None:
         while want > 0:
             try:
                 data = rec.src.recv(min(want, COPY_CHUNK), socket.MSG_DONTWAIT)
@@ -411,9 +426,6 @@ class SockmapSplicer(Splicer):
                 break
             chunks.append(data)
             want -= len(data)
-        rec.pending = b"".join(chunks)
-        rec.taken = rec.q_old = len(rec.pending)
-        return rec.eof or bool(rec.max) and rec.taken >= rec.max
 
     def _measure_queue(self, rec: SockmapRecord) -> int:
         """Bytes in the source's queue that the verdict did not count.
