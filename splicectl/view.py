@@ -36,6 +36,7 @@ class Row:
     source_cookie: int
     drain_cookie: int
     bytes: int
+    kernel_bytes: int      # of bytes, moved without a copy through the process
     max: int
     idle: float | None
     state: str
@@ -125,7 +126,7 @@ def rows_from_doc(doc: dict, now: float, prev: dict, ftime: float) -> list[tuple
             source_local=fmt_addr(src[0]), source_peer=fmt_addr(src[1]),
             drain_local=fmt_addr(dst[0]), drain_peer=fmt_addr(dst[1]),
             source_cookie=k[1], drain_cookie=int(s.get("drain_cookie", 0)),
-            bytes=b, max=int(s.get("max", 0) or 0), idle=s.get("idle"),
+            bytes=b, kernel_bytes=int(s.get("kernel_bytes", 0) or 0), max=int(s.get("max", 0) or 0), idle=s.get("idle"),
             state=str(s.get("state", "?")), error=err, reason=reason_name(err),
             throttled=bool(s.get("throttled", False)), age=age,
             idle_for=float(s.get("idle_for", 0.0)), rate=rate, rate_measured=measured,
@@ -230,6 +231,12 @@ def read_snapshot(prev: Snapshot | None = None, run_dir: str = RUN_DIR,
 
 # -- formatting ----------------------------------------------------------------
 
+def kernel_share(kernel: int, total: int) -> str:
+    """"97%": the share of `total` moved without a copy through the process
+    (floored, so 100% means every byte); "" when nothing moved."""
+    return f"{kernel * 100 // total}%" if total > 0 else ""
+
+
 def human_bytes(n: float) -> str:
     for unit in ("", "K", "M", "G", "T"):
         if abs(n) < 1024 or unit == "T":
@@ -282,10 +289,11 @@ def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str |
     live = [r for r in rows if r.state != "done"]
     ended = [r for r in rows if r.state == "done"]
     total_rate = sum(r.rate for r in live)
+    moved, kern = sum(r.bytes for r in rows), sum(r.kernel_bytes for r in rows)
     head = Text.assemble(
         (title + "  " if title else "", "bold"),
         f"{len(live)} live, {len(rows) - len(live)} ended splices in {snap.engines} engine(s)  ",
-        f"moved {human_bytes(sum(r.bytes for r in rows))}B  ",
+        f"moved {human_bytes(moved)}B" + (f" ({kernel_share(kern, moved)} in kernel)  " if moved else "  "),
         f"now {human_bytes(total_rate)}B/s  ",
         (time.strftime("%H:%M:%S", time.localtime(snap.time)), "dim"),
     )
@@ -299,6 +307,7 @@ def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str |
         t.add_column("FROM", no_wrap=True, overflow="ellipsis", min_width=9)
         t.add_column("TO", no_wrap=True, overflow="ellipsis", min_width=9)
     t.add_column("BYTES", justify="right", no_wrap=True)
+    t.add_column("KERN", justify="right", no_wrap=True)
     t.add_column("RATE" if not wide else "RATE/s", justify="right", no_wrap=True)
     t.add_column("IDLE", justify="right", no_wrap=True)
     t.add_column("LIMIT", justify="right", no_wrap=True)
@@ -315,14 +324,15 @@ def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str |
                       f"{r.drain_local}->{r.drain_peer}"]
         else:
             cells += [r.source_peer, r.drain_peer]
-        cells += [human_bytes(r.bytes), rate, human_secs(r.idle_for), limit_text(r), state_text(r)]
+        cells += [human_bytes(r.bytes), kernel_share(r.kernel_bytes, r.bytes) or "-", rate, human_secs(r.idle_for), limit_text(r), state_text(r)]
         if wide:
             cells += [human_secs(r.age), f"{r.source_cookie:#x}->{r.drain_cookie:#x}"]
         t.add_row(*cells)
     if not rows:
         return Group(head, Text("no splices", style="dim"))
     foot = Text(("" if not hidden else f"+{hidden} ended not shown (--all)\n")
-                + ("FROM/TO: source/drain peer; ~ = average rate; * = copy path" if not wide else ""),
+                + ("FROM/TO: source/drain peer; KERN: share moved in the kernel; ~ = average rate; "
+                   "* = copy path" if not wide else ""),
                 style="dim")
     return Group(head, t, foot)
 

@@ -477,7 +477,7 @@ class Splicer:
         return SpliceInfo(
             source=rec.addrs[0], drain=rec.addrs[1],
             source_cookie=rec.src_cookie, drain_cookie=rec.dst_cookie,
-            bytes=rec.bytes, max=rec.max, idle=rec.idle_ns / 1e9 if rec.idle_ns else None,
+            bytes=rec.bytes, kernel_bytes=rec.kernel_bytes, max=rec.max, idle=rec.idle_ns / 1e9 if rec.idle_ns else None,
             state=rec.state.value, error=rec.error, throttled=rec.throttled,
             age=(end - rec.started_ns) / 1e9, idle_for=(end - rec.last_active_ns) / 1e9,
             pid=os.getpid(), backend=self.backend,

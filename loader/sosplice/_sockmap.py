@@ -118,6 +118,10 @@ class SockmapRecord(SpliceRecord):
         return self.moved + self.taken
 
     @property
+    def kernel_bytes(self) -> int:
+        return self.moved  # redirected by the verdict; `taken` went through us
+
+    @property
     def fifo(self) -> int:
         """Bytes of the spliced stream waiting in the source's queue."""
         return self.q_old + self.passed - self.taken

@@ -67,6 +67,11 @@ class SpliceRecord:
         raise NotImplementedError
 
     @property
+    def kernel_bytes(self) -> int:
+        """Of `bytes`, those moved without a copy through this process."""
+        raise NotImplementedError
+
+    @property
     def last_active_ns(self) -> int:
         """When a byte last moved (or the start)."""
         raise NotImplementedError
@@ -153,6 +158,7 @@ class SpliceInfo:
     source_cookie: int
     drain_cookie: int
     bytes: int
+    kernel_bytes: int              # of `bytes`, moved without a copy through the process
     max: int
     idle: float | None
     state: str                     # "active", "dissolving" or "done"

@@ -98,6 +98,10 @@ class PipeRecord(SpliceRecord):
         return self.taken
 
     @property
+    def kernel_bytes(self) -> int:
+        return self.taken  # splice(2) moves page references, never copies through us
+
+    @property
     def throttled(self) -> bool:
         return self.taken > self.sent
 
