@@ -37,7 +37,7 @@ struct splice_stats {
 	__u64 moved;		/* [K] bytes redirected to the drain */
 	__u64 passed;		/* [K] bytes left on the source for the controller */
 	__u64 last_ns;		/* [K] bpf_ktime_get_ns() of the last redirect */
-	__u64 reset;		/* [K] tcp_reset.c: errno of a reset on the source */
+	__u64 error;		/* [K] tcp_reset.c: ECONNRESET if the source was reset */
 };
 
 /* What the verdict tells the controller through the `events` ring. */

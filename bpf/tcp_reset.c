@@ -7,10 +7,15 @@
  * the first send on the socket consumes it, and when the socket is also
  * the drain of the other direction, that send is the kernel's own psock
  * backlog worker. So the reset is recorded here, as it arrives, in the
- * splice's stats slot; the controller ends the splice with that error
- * once it has moved every byte that came before it.
+ * splice's stats slot; the controller ends the splice with it once it has
+ * moved every byte that came before.
  *
- * A raw tracepoint, not a tracepoint: attaching it needs no tracefs.
+ * A raw tracepoint: a kprobe or fentry on tcp_done_with_error() would see
+ * timeouts too, but neither attaches on every kernel we run on (no tracefs,
+ * no ftrace), and a raw tracepoint needs neither. It reads only fields of
+ * struct sock_common, whose layout has held for years: bcc may compile
+ * against headers older than the running kernel (scripts/setup.sh), and
+ * a deeper field of struct sock would be read at the wrong offset.
  */
 #include <net/sock.h>
 #include <net/tcp_states.h>
@@ -35,11 +40,12 @@ RAW_TRACEPOINT_PROBE(tcp_receive_reset)
 	st = stats.lookup(slot);
 	if (!c || !st || c->source != cookie)
 		return 0;
-	/* A reset after the peer's FIN (CLOSE_WAIT) cuts nothing of the
-	 * stream: it came whole; tcp_reset() ignores one in CLOSE. (Not a
-	 * switch: clang may make it a jump table, which the verifier refuses.) */
+	/* This runs before tcp_reset() acts. A reset after the peer's FIN
+	 * (CLOSE_WAIT) cuts nothing of the stream: it came whole; one in CLOSE
+	 * is ignored by tcp_reset(). (Not a switch: clang may make it a jump
+	 * table, which the verifier refuses.) */
 	bpf_probe_read_kernel(&state, sizeof(state), (void *)&sk->__sk_common.skc_state);
 	if (state != TCP_CLOSE_WAIT && state != TCP_CLOSE)
-		st->reset = ECONNRESET;
+		st->error = ECONNRESET;
 	return 0;
 }

@@ -549,3 +549,27 @@ def test_answers_and_fins_racing_the_splice(env):
         for t in threads:
             t.join(STEP)
     assert not bad, bad[:5]
+
+
+def test_data_and_fin_in_one_segment(env, splicer):
+    """The last bytes and the FIN in one segment, many times: the splice
+    ends with 0 only after moving them. TCP wakes the socket's waiters for
+    the FIN (EPOLLRDHUP) before it runs the verdict on the segment's data,
+    so a controller on the other CPU could see EOF with nothing counted
+    yet, end the splice, and leave the bytes behind (the drain's peer would
+    take a cut stream for a whole one)."""
+    for i in range(200):
+        L0, L1 = env.pair()
+        R0, R1 = env.pair()
+        sp = splicer.splice(L1, R0)
+        data = bytes([i % 256]) * (100 + i)
+        L0.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        L0.send(data)
+        L0.shutdown(socket.SHUT_WR)  # with the cork on: data and FIN leave together
+        L0.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        assert sp.wait(timeout=10) == 0
+        assert sp.bytes == len(data), f"run {i}: ended after {sp.bytes} of {len(data)} bytes"
+        R0.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(R1, 10) == data
+        for s in (L0, L1, R0, R1):
+            s.close()

@@ -20,7 +20,7 @@ class SpliceStats(ct.Structure):
         ("moved", ct.c_uint64),
         ("passed", ct.c_uint64),
         ("last_ns", ct.c_uint64),
-        ("reset", ct.c_uint64),
+        ("error", ct.c_uint64),
     ]
 
 

@@ -22,19 +22,28 @@ CAN_SEND = (TCP_ESTABLISHED, TCP_CLOSE_WAIT)
 
 
 def dup(fd: int) -> socket.socket:
-    """A socket object for a dup of `fd` that never waits in Python.
+    """A socket object for a dup of `fd` that never waits in Python and
+    never touches the flags of the open file, which the application (and
+    a worker thread in splice(2)) shares.
 
-    Made under socket.setdefaulttimeout(t), a socket object polls for up
-    to t before a recv(MSG_DONTWAIT), which would stall the engine's
-    thread, and its constructor turns O_NONBLOCK on in the open file,
-    which the application shares. So: timeout None (recv and send honour
-    MSG_DONTWAIT at once), and the file's flags as they were.
+    Made the plain way under socket.setdefaulttimeout(t), the object polls
+    for up to t before a recv(MSG_DONTWAIT), and its constructor turns
+    O_NONBLOCK on in the file; settimeout() afterwards turns it on or off
+    there too. A type with SOCK_NONBLOCK is the one way in which CPython
+    makes the object non-waiting (timeout 0) without a flag call, so the
+    real family, type and protocol are read first through a probe object
+    made the same way.
     """
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    s = socket.socket(fileno=os.dup(fd))
-    s.settimeout(None)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-    return s
+    new = os.dup(fd)
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, new)
+        family, type_, proto = (probe.getsockopt(socket.SOL_SOCKET, opt)
+                                for opt in (socket.SO_DOMAIN, socket.SO_TYPE, socket.SO_PROTOCOL))
+        probe.detach()
+        return socket.socket(family, type_ | socket.SOCK_NONBLOCK, proto, new)
+    except BaseException:
+        os.close(new)
+        raise
 
 
 def cookie(s: socket.socket) -> int:

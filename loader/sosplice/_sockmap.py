@@ -3,8 +3,9 @@
 Transitions, each one function, all under `Splicer._lock`:
   _start()     start: insert into the maps, publish ctl (after _engine.Splicer.splice
                validated the sockets)
-  _move()      the controller's step for one splice: refresh credit, copy
-               passed bytes in order, decide whether to end (OpenBSD somove)
+  _move()      the controller's step for one splice: copy passed bytes in
+               order, publish ctl, put a source that started out of the
+               map into it (_flow), decide whether to end (OpenBSD somove)
   _dissolve()  stop counting: delete the ctl entry so the verdict passes
   _finish()    once flushed: drop the drain from its map, close our dups,
                record the end, wake the waiters (the only place that does)
@@ -20,7 +21,11 @@ Ordering invariants (see docs/design.md for the argument):
      before ctl is published, deleted only after ctl is gone and the drain's
      backlog is empty (a drain leaving the map loses its backlog).
   4. A source never leaves `sources` while bytes may sit in its queue
-     (they would be lost, KERNEL-NOTES 7, 13); close removes it.
+     or arrive (they would be lost, KERNEL-NOTES 7, 13; an skb arriving
+     during the delete is lost or duplicated now and then): it leaves only
+     after EOF with an empty queue, or when closed. A fresh source with
+     bytes queued before the splice enters it only once the controller
+     has sent those (_flow).
 """
 from __future__ import annotations
 
@@ -107,11 +112,13 @@ class SockmapRecord(SpliceRecord):
     last_copy_ns: int = 0          # [C] last time the controller moved a byte
     flushed_once: bool = False     # [C] one flushed reading seen while dissolving
     last_written: int = 0          # [C] drain's written count at the last look
+    paused: bool = False           # [C] not yet in `sources`: new bytes wait in its TCP queue (_flow)
+    unmapped: bool = False         # [C] could not go into `sources`: read it directly
     backoff: float = 0.001         # [C] seconds until the next look without events
     moved: int = 0                 # [K] bytes the verdict redirected
     passed: int = 0                # [K] bytes the verdict left on the source
     last_ns: int = 0               # [K] time of the last redirect
-    reset: int = 0                 # [K] errno of a reset on the source (tcp_reset.c)
+    src_error: int = 0             # [K] ECONNRESET if the source was reset (tcp_reset.c)
 
     @property
     def bytes(self) -> int:
@@ -128,7 +135,7 @@ class SockmapRecord(SpliceRecord):
 
     @property
     def throttled(self) -> bool:
-        return self.fifo > 0
+        return self.fifo > 0 or self.paused
 
     @property
     def last_active_ns(self) -> int:
@@ -289,7 +296,7 @@ class SockmapSplicer(Splicer):
         (pass, uncounted: nothing is spliced yet) or a whole holding entry.
         """
         st = self._prog.stats[rec.slot]
-        st.moved = st.passed = st.last_ns = st.reset = 0
+        st.moved = st.passed = st.last_ns = st.error = 0
         c = self._prog.ctl[rec.slot]  # a free slot has no owner (source 0)
         c.drain, c.credit, c.notify_at, c.copied = rec.dst_cookie, 0, 0, _HOLD
         c.source = rec.src_cookie
@@ -336,6 +343,16 @@ class SockmapSplicer(Splicer):
         # Whatever arrives after this is fresh skbs.
         if self._prefetch(rec):
             return True  # EOF or the limit reached by queued bytes alone
+        if rec.pending:
+            # Start paused: until the controller has sent what it took, the
+            # verdict would have to pass every new skb to keep them behind
+            # it, and a sender faster than the copy would keep the splice
+            # on the copy path. Out of the map, they wait in the TCP queue
+            # instead, and go back to the verdict, in order, on resume
+            # (_flow). Still this engine's: nothing else may claim it.
+            _CLAIMED[c] = self
+            rec.paused = True
+            return True
         try:
             self._prog.insert(self._prog.sources_fd, c, rec.src.fileno())
         except OSError as e:
@@ -469,7 +486,10 @@ class SockmapSplicer(Splicer):
                         rec = self._byfd.get(fd)
                         if rec is None:
                             continue
-                        if fd == rec.src.fileno() and ev & (select.EPOLLRDHUP | select.EPOLLHUP):
+                        if fd == rec.src.fileno() and ev & (select.EPOLLRDHUP | select.EPOLLHUP) \
+                                and not (rec.paused or rec.unmapped):
+                            # Out of the map, the FIN waits behind bytes in
+                            # the TCP queue: EOF is when recv() says so.
                             rec.eof = True
                         work.add(rec)
                 for c in self._rb_hit:
@@ -517,7 +537,7 @@ class SockmapSplicer(Splicer):
         if rec.state is State.DONE:
             return  # the slot may belong to another splice now
         s = self._stats(rec)
-        rec.moved, rec.passed, rec.last_ns, rec.reset = s.moved, s.passed, s.last_ns, s.reset
+        rec.moved, rec.passed, rec.last_ns, rec.src_error = s.moved, s.passed, s.last_ns, s.error
 
     def _move(self, rec: SockmapRecord) -> None:
         """One controller step for one splice (OpenBSD's somove).
@@ -525,6 +545,12 @@ class SockmapSplicer(Splicer):
         Returns with the splice either progressing, or dissolving, or done;
         when it must look again without an event it arms a timer (_later).
         """
+        if rec.eof and rec.state is State.ACTIVE:
+            # TCP wakes us for a FIN (tcp_fin) before it runs the verdict
+            # on the data of the same segment (tcp_data_ready). TCP_INFO
+            # takes the socket lock, which that softirq holds throughout:
+            # past it, the verdict has counted every byte before the FIN.
+            _sock.tcp_state(rec.src)
         self._read_stats(rec)
         state, acked, queued = _sock.progress(rec.dst)
         written = acked + queued - rec.drain_base
@@ -569,11 +595,13 @@ class SockmapSplicer(Splicer):
             # microseconds, and only a publish that lands before the next
             # one lets the verdict go back to redirecting.
             self._read_stats(rec)
-            if rec.fifo == 0:
+            if rec.fifo == 0 and not rec.unmapped:
                 self._publish(rec, acked)
                 break
             room = rec.max - rec.bytes if rec.max else COPY_CHUNK
-            n = min(rec.fifo, COPY_CHUNK, room, budget)
+            # An unmapped source's bytes are in its TCP queue, uncounted:
+            # read until it is empty or says EOF.
+            n = min(COPY_CHUNK if rec.unmapped else rec.fifo, COPY_CHUNK, room, budget)
             if n <= 0:
                 break
             if written < rec.moved + rec.sent:
@@ -592,8 +620,11 @@ class SockmapSplicer(Splicer):
                 self._dissolve(rec, e.errno or errno.EIO)
                 break
             if not data:
+                rec.eof = rec.eof or rec.unmapped
                 break
             rec.taken += len(data)
+            if rec.unmapped:
+                rec.q_old += len(data)  # taken without the verdict: fifo stays 0
             rec.pending = data
             rec.last_copy_ns = time.monotonic_ns()
             budget -= len(data)
@@ -604,19 +635,52 @@ class SockmapSplicer(Splicer):
             # The last reading of the drain: an older `acked` can only
             # make the credit smaller, never let it pass the cap.
             self._publish(rec, acked)
+            self._flow(rec)
 
         if rec.state is not State.ACTIVE:
             pass
         elif rec.max and rec.bytes >= rec.max and not rec.pending:
             self._dissolve(rec, errno.EFBIG)
-        elif rec.eof and rec.fifo == 0 and not rec.pending:
+        elif rec.eof and rec.fifo == 0 and not rec.pending and not rec.paused:
             # EPOLLRDHUP comes with a FIN and a reset alike; the probe
             # told them apart as the reset arrived (bpf/tcp_reset.c).
-            self._dissolve(rec, rec.reset)
+            self._dissolve(rec, rec.src_error)
         elif rec.idle_ns and self._idle_expired(rec):
             self._dissolve(rec, errno.ETIMEDOUT)
         if rec.state is State.DISSOLVING:
             self._move(rec)
+
+    # -- a source that starts out of the map ---------------------------------
+
+    def _flow(self, rec: SockmapRecord) -> None:
+        """Put a source that started paused into `sources` once the bytes
+        the controller took at the start are sent (_insert_source).
+
+        Until then its new bytes wait in its TCP receive queue, charged to
+        it, and TCP's window holds its peer back; inserted (and
+        SO_RCVLOWAT 1, KN 8), the verdict redirects them, in order, ahead
+        of anything newer. Only inserts: taking a source out of a map
+        while bytes arrive loses or duplicates an skb now and then on 6.18
+        (docs/design.md, "Why a source is never paused by leaving its map").
+        """
+        if rec.paused and not rec.pending:
+            self._resume(rec)
+
+    def _resume(self, rec: SockmapRecord) -> None:
+        rec.paused = False
+        try:
+            self._prog.insert(self._prog.sources_fd, rec.src_cookie, rec.src.fileno())
+        except OSError:
+            # Only an ESTABLISHED socket can join a map (KN 9): the peer's
+            # FIN or a reset came while it was out. Nothing more can
+            # arrive; the controller reads what is left itself, once the
+            # drain has taken every byte sent before (invariant 2).
+            rec.unmapped = True
+            self._at(rec, 0)
+            return
+        self._sources.add(rec.src_cookie)
+        # Runs the verdict over what queued while it was out (KN 8).
+        rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def _send_pending(self, rec: SockmapRecord) -> bool:
         """Send what the controller holds; True once nothing is left."""
@@ -718,6 +782,10 @@ class SockmapSplicer(Splicer):
             # tests/test_transfer.py::test_eof_one_way_while_other_way_busy).
             self._prog.delete(self._prog.sources_fd, rec.src_cookie)
             self._sources.discard(rec.src_cookie)
+            _CLAIMED.pop(rec.src_cookie, None)
+        elif rec.src_cookie not in self._sources:
+            # Paused or unmapped when it ended: already a plain socket, its
+            # unmoved bytes in its TCP queue.
             _CLAIMED.pop(rec.src_cookie, None)
         if rec.fifo > 0 and self._app_closed(rec, 0):
             self._reset_on_close.add(rec.src_cookie)

@@ -32,12 +32,12 @@ Invariants (kept in `_step`, `_dissolve` and `_finish`):
      urgent mark (0 after a FIN, EAGAIN before), and `urgent` steps over
      it with recv(). A 0 from splice(2) is EOF only when the source says
      so too.
-  7. A source that was reset ends with ECONNRESET, never 0. The reset's
-     sk_err is consumed by the first call that fails on the socket, and
-     that may be the opposite splice's send to it; so both directions of
-     a connection belong to one worker, and a send that fails with
-     ECONNRESET marks the opposite record (`reset`) before its own
-     source can read the end of the stream.
+  7. A source whose connection died (reset, timed out) ends with that
+     error, never 0. The error in sk_err is consumed by the first call
+     that fails on the socket, and that may be the opposite splice's send
+     to it; so both directions of a connection belong to one worker, and
+     a send that fails with such an error marks the opposite record
+     (`src_error`) before its own source can read the end of the stream.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class PipeRecord(SpliceRecord):
     urgent: bool = True            # [W] the source may sit at an urgent mark (EPOLLPRI seen)
     oob_was_off: bool = False      # [I] SO_OOBINLINE was off on the source: turn it off at the end
     idle_at: int = 0               # [W] when the armed idle timer fires (0: none)
-    reset: bool = False            # [W] a send to this source failed with ECONNRESET (invariant 7)
+    src_error: int = 0             # [W] a send to this source took its connection's error (invariant 7)
 
     @property
     def bytes(self) -> int:
@@ -354,8 +354,7 @@ class _Worker:
                 except (BlockingIOError, InterruptedError):
                     n = 0
                 except OSError as e:
-                    if e.errno == errno.ECONNRESET:
-                        self.mark_reset(rec.dst_cookie)
+                    self.mark_error(rec.dst_cookie, e.errno)
                     self.drain_died(rec)
                     return
                 rec.sent += n
@@ -379,8 +378,8 @@ class _Worker:
                             return  # the source failed: dissolved
                     if n == 0:
                         rec.eof = True
-                        if rec.reset:  # the end of a reset stream, not a FIN
-                            self.dissolve(rec, errno.ECONNRESET)
+                        if rec.src_error:  # the end of a cut stream, not a FIN
+                            self.dissolve(rec, rec.src_error)
                             return
                     elif n > 0:
                         rec.taken += n
@@ -464,12 +463,15 @@ class _Worker:
             rec.error = error
         self.step(rec)
 
-    def mark_reset(self, cookie: int) -> None:
-        """A send to `cookie` took its reset: its own splice, if it is a
-        source here, must not take the coming end of stream for a FIN."""
+    def mark_error(self, cookie: int, err: int | None) -> None:
+        """A send to `cookie` failed with `err`: if that was its
+        connection's error (not EPIPE, which says only that it cannot
+        send; a reset after the peer's FIN says that too), its own splice,
+        if it is a source here, must not take the coming end of stream for
+        a FIN (invariant 7)."""
         other = self.engine._live.get(cookie)
-        if other is not None and other.worker is self:
-            other.reset = True
+        if err and err != errno.EPIPE and other is not None and other.worker is self:
+            other.src_error = err
 
     def drain_died(self, rec: PipeRecord) -> None:
         """The drain cannot send: what the pipe holds dies with it (counted)."""
