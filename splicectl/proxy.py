@@ -149,14 +149,15 @@ def resolve(host: str, port: int, what: str = "address") -> tuple[int, tuple]:
     return fam, sa
 
 
-def _listen(addr: tuple[str, int], backlog: int, what: str, arg: str) -> socket.socket:
-    """A non-blocking listening socket on `addr`, or one UsageError line."""
+def _bound(addr: tuple[str, int], what: str, arg: str) -> socket.socket:
+    """A non-blocking socket bound to `addr`, or one UsageError line. The
+    caller listens once it can serve: until then a client is refused, as
+    before the proxy started, rather than left waiting in the backlog."""
     fam, sa = resolve(*addr, arg)
     ls = socket.socket(fam, socket.SOCK_STREAM)
     try:
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind(sa)
-        ls.listen(backlog)
     except OSError as e:
         ls.close()
         raise UsageError(f"cannot {what} on {fmt_addr(addr)}: {e.strerror}") from None
@@ -274,11 +275,12 @@ def fmt_addr(sa: tuple | list | None) -> str:
 class Metrics:
     connections_total: int = 0
     bytes_done: dict[str, int] = field(default_factory=lambda: {UP: 0, DOWN: 0})
+    kernel_done: dict[str, int] = field(default_factory=lambda: {UP: 0, DOWN: 0})
     dissolve: dict[str, int] = field(default_factory=dict)
     resets: dict[str, int] = field(default_factory=dict)
     errors_total: int = 0
 
-    def render(self, active: int, live_bytes: dict[str, int]) -> str:
+    def render(self, active: int, live_bytes: dict[str, int], live_kernel: dict[str, int]) -> str:
         out = [
             "# HELP sosplice_connections_total Client connections accepted.",
             "# TYPE sosplice_connections_total counter",
@@ -291,6 +293,12 @@ class Metrics:
         ]
         for d in (UP, DOWN):
             out.append(f'sosplice_bytes_total{{direction="{d}"}} {self.bytes_done[d] + live_bytes.get(d, 0)}')
+        out += ["# HELP sosplice_kernel_bytes_total Of sosplice_bytes_total, bytes moved without a "
+                "copy through the proxy process.",
+                "# TYPE sosplice_kernel_bytes_total counter"]
+        for d in (UP, DOWN):
+            out.append(f'sosplice_kernel_bytes_total{{direction="{d}"}} '
+                       f'{self.kernel_done[d] + live_kernel.get(d, 0)}')
         out += ["# HELP sosplice_dissolve_total Splices dissolved, by reason.",
                 "# TYPE sosplice_dissolve_total counter"]
         for reason, n in sorted(self.dissolve.items()):
@@ -407,14 +415,14 @@ class Proxy:
                 except OSError as e:
                     why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
                     raise UsageError(f"upstream {fmt_addr((h, p))} is unreachable: {why}") from None
-        self.listener = _listen(o.listen, 1024, "listen", "LISTEN")
+        self.listener = _bound(o.listen, "listen", "LISTEN")
         try:
             for (h, p), (fam, sa) in zip(o.upstreams, self.upstream_addrs):
                 if _loops_back(self.listener, fam, sa):
                     raise UsageError(f"upstream {fmt_addr((h, p))} is this proxy's own LISTEN "
                                      "address: every connection would loop back into it")
             if o.metrics:
-                self.metrics_sock = _listen(o.metrics, 64, "listen for metrics", "--metrics")
+                self.metrics_sock = _bound(o.metrics, "listen for metrics", "--metrics")
             if self.engine_factory is not None:
                 self.engine = self.engine_factory()
             else:
@@ -422,6 +430,14 @@ class Proxy:
                 kw = {} if o.backlog_cap is None else {"backlog_cap": o.backlog_cap}
                 self.engine = sosplice.Splicer(backend=o.backend, **kw)
             self._check_fd_limit()
+            # Only now: building a bpf engine compiles its programs, which
+            # takes seconds; a client that came meanwhile would wait.
+            for s, backlog, arg in ((self.listener, 1024, o.listen), (self.metrics_sock, 64, o.metrics)):
+                if s is not None:
+                    try:
+                        s.listen(backlog)
+                    except OSError as e:
+                        raise UsageError(f"cannot listen on {fmt_addr(arg)}: {e.strerror}") from None
         except BaseException:
             self._close_listener()
             if self.metrics_sock:
@@ -730,6 +746,7 @@ class Proxy:
             c, d = entry
             err = sp.error
             self.m.bytes_done[d] += sp.bytes
+            self.m.kernel_done[d] += sp.kernel_bytes
             reason = reason_name(err)
             self.m.dissolve[reason] = self.m.dissolve.get(reason, 0) + 1
             if c.closed:
@@ -824,10 +841,11 @@ class Proxy:
             s.close()
 
     def render_metrics(self) -> str:
-        live = {UP: 0, DOWN: 0}
+        live, kernel = {UP: 0, DOWN: 0}, {UP: 0, DOWN: 0}
         for sp, (_, d) in list(self.splices.items()):
             live[d] += sp.bytes
-        return self.m.render(len(self.conns), live)
+            kernel[d] += sp.kernel_bytes
+        return self.m.render(len(self.conns), live, kernel)
 
     # -- the end -------------------------------------------------------------
 

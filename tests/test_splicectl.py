@@ -420,3 +420,43 @@ def test_completed_connects_survive_a_busy_loop(proxies):
         up.close()
         for s in clients + held:
             s.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(port: int) -> dict[str, float]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = recv_all(s).decode().split("\r\n\r\n", 1)[1]
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in body.splitlines()
+                                      if line and not line.startswith("#"))}
+
+
+@pytest.mark.parametrize("engine", ["bpf", "worker"])
+def test_metrics_count_bytes_and_kernel_bytes(upstream, proxies, engine):
+    """sosplice_bytes_total counts every byte each way, exactly, and
+    sosplice_kernel_bytes_total the part moved without a copy through the
+    proxy: at most that, and all of it on the worker backend."""
+    port = _free_port()
+    px = proxies(upstream.addr, "--backend", engine, "--metrics", f"127.0.0.1:{port}")
+    data = random.Random(5).randbytes(4 << 20)
+    with socket.create_connection(px.addr, timeout=30) as s:
+        s.sendall(b"E" + data)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == data
+    deadline = time.monotonic() + 10
+    while (m := _metrics(port)).get('sosplice_bytes_total{direction="down"}') != len(data) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    up, down = 'direction="up"', 'direction="down"'
+    assert m[f"sosplice_bytes_total{{{up}}}"] == len(data) + 1, m
+    assert m[f"sosplice_bytes_total{{{down}}}"] == len(data), m
+    for d in (up, down):
+        kernel, total = m[f"sosplice_kernel_bytes_total{{{d}}}"], m[f"sosplice_bytes_total{{{d}}}"]
+        assert 0 <= kernel <= total, m
+        if engine == "worker":
+            assert kernel == total, m

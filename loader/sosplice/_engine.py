@@ -447,14 +447,14 @@ class Splicer:
                 raise _err(errno.EPROTO, "this splice has already dissolved")
         return self._unsplice(rec)
 
-    def _bytes_of(self, handle: Splice) -> int:
+    def _bytes_of(self, handle: Splice, kernel: bool = False) -> int:
         rec = handle._rec
         if rec is None:
             return 0
         with self._lock:
             if rec.state is not State.DONE:
                 self._refresh(rec)
-            return rec.bytes
+            return rec.kernel_bytes if kernel else rec.bytes
 
     def _on_done(self, handle: Splice, fn: Callable[[], None]) -> None:
         with self._lock:

@@ -102,6 +102,11 @@ class Splice:
         return self._engine._bytes_of(self)
 
     @property
+    def kernel_bytes(self) -> int:
+        """Of `bytes`, those moved without a copy through this process."""
+        return self._engine._bytes_of(self, kernel=True)
+
+    @property
     def active(self) -> bool:
         """True until the splice has dissolved and flushed."""
         return not self._done.is_set()
