@@ -5,7 +5,7 @@ Transitions, each one function, all under `Splicer._lock`:
                validated the sockets)
   _move()      the controller's step for one splice: copy passed bytes in
                order, publish ctl, put a source that started out of the
-               map into it (_flow), decide whether to end (OpenBSD somove)
+               map into it (_admit), decide whether to end (OpenBSD somove)
   _dissolve()  stop counting: delete the ctl entry so the verdict passes
   _finish()    once flushed: drop the drain from its map, close our dups,
                record the end, wake the waiters (the only place that does)
@@ -25,7 +25,7 @@ Ordering invariants (see docs/design.md for the argument):
      during the delete is lost or duplicated now and then): it leaves only
      after EOF with an empty queue, or when closed. A fresh source with
      bytes queued before the splice enters it only once the controller
-     has sent those (_flow).
+     has sent those (_admit).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ class SockmapRecord(SpliceRecord):
     last_copy_ns: int = 0          # [C] last time the controller moved a byte
     flushed_once: bool = False     # [C] one flushed reading seen while dissolving
     last_written: int = 0          # [C] drain's written count at the last look
-    paused: bool = False           # [C] not yet in `sources`: new bytes wait in its TCP queue (_flow)
+    paused: bool = False           # [C] not yet in `sources`: new bytes wait in its TCP queue (_admit)
     unmapped: bool = False         # [C] could not go into `sources`: read it directly
     backoff: float = 0.001         # [C] seconds until the next look without events
     moved: int = 0                 # [K] bytes the verdict redirected
@@ -348,13 +348,16 @@ class SockmapSplicer(Splicer):
             # verdict would have to pass every new skb to keep them behind
             # it, and a sender faster than the copy would keep the splice
             # on the copy path. Out of the map, they wait in the TCP queue
-            # instead, and go back to the verdict, in order, on resume
-            # (_flow). Still this engine's: nothing else may claim it.
+            # instead, and go back to the verdict, in order, once admitted
+            # (_admit). Still this engine's: nothing else may claim it.
             _CLAIMED[c] = self
             rec.paused = True
             return True
+        # Nothing is passed yet, and nothing taken: the verdict may redirect
+        # at once (the credit follows in _publish).
+        self._hold(rec, 0)
         try:
-            self._prog.insert(self._prog.sources_fd, c, rec.src.fileno())
+            self._enter_sources(rec)
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP and _sock.tcp_state(rec.src) == _sock.TCP_CLOSE_WAIT:
                 # The peer's FIN arrived after _prefetch looked: nothing
@@ -365,15 +368,6 @@ class SockmapSplicer(Splicer):
                 raise _err(errno.EBUSY, "source is already in another sockmap with a verdict "
                            "program (another sosplice engine?); use one engine") from None
             raise _err(e.errno, f"cannot add the source to the sockmap: {e.strerror}") from None
-        # Never discarded: cookies are not reused, and a closed socket
-        # leaves the map by itself (pruned in _expire_recent).
-        self._sources.add(c)
-        _CLAIMED[c] = self
-        # A fresh source has nothing passed yet; bytes in its TCP queue
-        # reach the verdict only on the next data_ready, which SO_RCVLOWAT
-        # triggers now (KERNEL-NOTES 8).
-        self._hold(rec, _HOLD if rec.q_old else 0)
-        rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return True
 
     def _check_insertable(self, c: int) -> None:
@@ -635,7 +629,8 @@ class SockmapSplicer(Splicer):
             # The last reading of the drain: an older `acked` can only
             # make the credit smaller, never let it pass the cap.
             self._publish(rec, acked)
-            self._flow(rec)
+            if rec.paused and not rec.pending:
+                self._admit(rec)
 
         if rec.state is not State.ACTIVE:
             pass
@@ -652,24 +647,32 @@ class SockmapSplicer(Splicer):
 
     # -- a source that starts out of the map ---------------------------------
 
-    def _flow(self, rec: SockmapRecord) -> None:
-        """Put a source that started paused into `sources` once the bytes
-        the controller took at the start are sent (_insert_source).
+    def _enter_sources(self, rec: SockmapRecord) -> None:
+        """Insert the source into `sources`, and run the verdict over what
+        its TCP queue holds: those bytes reach the verdict only on the next
+        data_ready, which SO_RCVLOWAT 1 triggers now (KN 8). Raises the
+        insert's OSError."""
+        self._prog.insert(self._prog.sources_fd, rec.src_cookie, rec.src.fileno())
+        # Never discarded: cookies are not reused, and a closed socket
+        # leaves the map by itself (pruned in _expire_recent).
+        self._sources.add(rec.src_cookie)
+        _CLAIMED[rec.src_cookie] = self
+        rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
-        Until then its new bytes wait in its TCP receive queue, charged to
-        it, and TCP's window holds its peer back; inserted (and
-        SO_RCVLOWAT 1, KN 8), the verdict redirects them, in order, ahead
-        of anything newer. Only inserts: taking a source out of a map
-        while bytes arrive loses or duplicates an skb now and then on 6.18
-        (docs/design.md, "Why a source is never paused by leaving its map").
+    def _admit(self, rec: SockmapRecord) -> None:
+        """Put a source that started paused into `sources`, now that the
+        bytes the controller took at the start are sent (_insert_source).
+
+        Until then its new bytes waited in its TCP receive queue, charged
+        to it, and TCP's window held its peer back; the verdict redirects
+        them, in order, ahead of anything newer. Only inserts: taking a
+        source out of a map while bytes arrive loses or duplicates an skb
+        now and then on 6.18 (docs/design.md, "Why a source is never
+        paused by leaving its map").
         """
-        if rec.paused and not rec.pending:
-            self._resume(rec)
-
-    def _resume(self, rec: SockmapRecord) -> None:
         rec.paused = False
         try:
-            self._prog.insert(self._prog.sources_fd, rec.src_cookie, rec.src.fileno())
+            self._enter_sources(rec)
         except OSError:
             # Only an ESTABLISHED socket can join a map (KN 9): the peer's
             # FIN or a reset came while it was out. Nothing more can
@@ -677,10 +680,6 @@ class SockmapSplicer(Splicer):
             # drain has taken every byte sent before (invariant 2).
             rec.unmapped = True
             self._at(rec, 0)
-            return
-        self._sources.add(rec.src_cookie)
-        # Runs the verdict over what queued while it was out (KN 8).
-        rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def _send_pending(self, rec: SockmapRecord) -> bool:
         """Send what the controller holds; True once nothing is left."""
