@@ -143,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--backend", choices=["bpf", "worker", "auto"], default=None,
                     help="bpf (eBPF sockmap, needs root), worker (splice(2) threads, any user) "
                          "or auto (bpf where allowed); default $SOSPLICE_BACKEND or auto")
-    px.add_argument("--log-level", default="warning",
-                    choices=["debug", "info", "warning", "error"], help="default: warning")
+    px.add_argument("--log-level", default="info",
+                    choices=["debug", "info", "warning", "error"],
+                    help="info (the default) writes one line per connection when it ends "
+                         "(addresses, bytes each way, in-kernel share, duration, why each "
+                         "direction ended; docs/metrics.md); warning keeps only problems")
 
     dm = sub.add_parser("demo", help="spliced proxy vs userspace relay, hash-checked")
     dm.add_argument("--seconds", type=_positive_float, default=5.0, help="spliced run length (default 5)")
