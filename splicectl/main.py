@@ -34,6 +34,59 @@ Durations (S) are seconds, from 0.001 to 2000000.
 """
 
 
+VIEW_DESCRIPTION = {
+    "ls": "List the connections that sosplice engines on this host splice, one row\n"
+          "per connection (its two directions side by side), live ones first.\n",
+    "top": "Show the connections that sosplice engines on this host splice, one\n"
+           "row per connection, again every INTERVAL seconds, with the aggregate\n"
+           "throughput of the last minute as a sparkline.\n",
+}
+
+VIEW_EPILOG = """\
+header:
+  live and ended connections, the process (or how many), bytes moved and
+  the share moved in the kernel, the throughput now, the time.
+
+columns (80 wide at most; addresses are cut on the left before any
+number is, and IPv4 clients of a dual-stack [::] listener show as IPv4):
+  PID     the process that splices (shown in the header when only one)
+  A, B    the two peers: A is the source of the connection's first splice
+          (for splicectl proxy the client), B the other (the upstream)
+  A→B     bytes moved from A to B; A←B from B to A (blank: a one-way
+          splice). K, M, G: powers of 1024
+  KERN    share of the bytes moved in the kernel, without a copy through
+          the process (bpf backend: the rest went through its copy path)
+  RATE    bytes per second both ways, between the last two readings
+  IDLE    seconds since the last byte either way (m: minutes, h: hours)
+  LIMIT   the splices' max= bytes / idle= seconds (only when one is set)
+  STATE   one word when both directions agree, else A→B/A←B
+
+states:
+  active      bytes flow; active* means they wait for the drain (bpf:
+              the copy path; worker: a full drain)
+  flush R     ended for reason R, still handing over the bytes it holds
+  EOF         ended cleanly (the source sent its FIN)
+  ECONNRESET  the source was reset; EPIPE: the drain failed; ETIMEDOUT:
+              idle= ran out; EFBIG: max= reached
+  ~           after RATE: an average since the start (no two readings yet)
+
+files:
+  /run/sosplice/<pid>-<n>.json  each engine's snapshot, rewritten every
+              0.2 s while a viewer keeps touching /run/sosplice/watch
+              (so an engine spends nothing on it when no one looks)
+
+environment:
+  SOSPLICE_RUN_DIR  the directory instead of /run/sosplice
+  COLUMNS           the width, if narrower than 80 (rich reads it)
+"""
+
+TOP_KEYS = """
+keys (in a terminal):
+  b  sort by bytes     r  sort by rate     a  sort by age
+  q  quit (as Ctrl-C)
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message} (try --help)\n")
@@ -154,18 +207,32 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--conns", type=int, default=8, help="concurrent connections (default 8)")
     dm.add_argument("--no-live", action="store_true", help="do not show the live table")
 
-    for name, hlp in (("ls", "list every splice on this host"), ("top", "live view of every splice")):
-        v = sub.add_parser(name, help=hlp)
+    for name, hlp in (("ls", "list the connections spliced on this host"),
+                      ("top", "live view of the connections spliced on this host")):
+        v = sub.add_parser(name, help=hlp, description=VIEW_DESCRIPTION[name],
+                           epilog=VIEW_EPILOG + (TOP_KEYS if name == "top" else ""),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == "top":
             v.add_argument("interval", nargs="?", type=_positive_float, default=1.0,
                            help="seconds between refreshes (default 1)")
-            v.add_argument("count", nargs="?", type=int, default=0,
-                           help="refresh this many times, then exit (default: until q)")
+            v.add_argument("count", nargs="?", type=_count, default=0,
+                           help="refresh this many times, then exit (default 0: until q)")
+            v.add_argument("-b", "--batch", action="store_true",
+                           help="print one frame after another, each ending with a newline, "
+                                "for pipes and logs (as top -b); the default when stdout is "
+                                "not a terminal")
         else:
-            v.add_argument("--json", action="store_true", help="print a JSON list")
-        v.add_argument("--sort", choices=["bytes", "rate", "age"], default="bytes")
-        v.add_argument("--wide", action="store_true", help="all columns, wider than 80")
-        v.add_argument("--all", action="store_true", help="every dissolved splice, not only the 10 first")
+            v.add_argument("--json", action="store_true",
+                           help="print a JSON list, one object per splice (per direction), "
+                                "with exact numbers")
+        v.add_argument("--sort", choices=["bytes", "rate", "age"], default="bytes",
+                       help="order of the rows: most bytes (both ways), highest rate or "
+                            "oldest first (default bytes)")
+        v.add_argument("--wide", action="store_true",
+                       help="more columns, wider than 80: PID and PROCESS always, local "
+                            "addresses, LIMIT, AGE, COOKIES")
+        v.add_argument("--all", action="store_true",
+                       help="every ended connection the engines still report, not only 10")
         v.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
                        help="only the splices of this process (repeatable)")
     return p

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -71,13 +72,18 @@ class Upstream:
 
 
 class Proxy:
-    def __init__(self, *args: str) -> None:
-        self.p = subprocess.Popen([PY, "-m", "splicectl", "proxy", "127.0.0.1:0", *args], cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`splicectl proxy LISTEN *args`; its stderr (a line per connection at
+    the default level) goes to a file, never a pipe that could fill."""
+
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0", env: dict | None = None) -> None:
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.p = subprocess.Popen([PY, "-m", "splicectl", "proxy", listen, *args], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
         line = self.p.stdout.readline()
         if not line.startswith("listening on "):
             self.p.kill()
-            raise AssertionError(f"proxy did not start: {line!r} {self.p.stderr.read()}")
+            self.p.wait()
+            raise AssertionError(f"proxy did not start: {line!r} {self.stderr()}")
         self.banner = line.strip()
         host_port = line.split()[2].rstrip(",")
         host, _, port = host_port.rpartition(":")
@@ -93,7 +99,12 @@ class Proxy:
                 self.p.kill()
                 self.p.wait()
             self.p.stdout.close()
-            self.p.stderr.close()
+            self.err.close()
+
+    def stderr(self) -> str:
+        """What the proxy wrote to stderr so far."""
+        self.err.seek(0)
+        return self.err.read()
 
 
 @pytest.fixture
