@@ -5,8 +5,10 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,8 @@ def splicectl(*args: str, **kw) -> subprocess.CompletedProcess:
 
 class Upstream:
     """First byte picks the mode: b'E' echoes, b'H' replies with the sha256
-    of everything after it once the client half-closes."""
+    of everything after it once the client half-closes, b'R' resets the
+    connection once the client has half-closed."""
 
     def __init__(self) -> None:
         self.ls = socket.create_server(("127.0.0.1", 0))
@@ -58,6 +61,11 @@ class Upstream:
                     while d := s.recv(1 << 16):
                         h.update(d)
                     s.sendall(h.hexdigest().encode())
+                elif mode == b"R":
+                    while s.recv(1 << 16):
+                        pass
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
                 s.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
@@ -99,10 +107,14 @@ class Proxy:
                 self.p.kill()
                 self.p.wait()
             self.p.stdout.close()
-            self.err.close()
+            if not self.err.closed:
+                self.err_text = self.stderr()
+                self.err.close()
 
     def stderr(self) -> str:
-        """What the proxy wrote to stderr so far."""
+        """What the proxy wrote to stderr so far (all of it once stopped)."""
+        if self.err.closed:
+            return self.err_text
         self.err.seek(0)
         return self.err.read()
 
@@ -471,3 +483,139 @@ def test_metrics_count_bytes_and_kernel_bytes(upstream, proxies, engine):
         assert 0 <= kernel <= total, m
         if engine == "worker":
             assert kernel == total, m
+
+
+# -- what operators see: the log line, the metrics, ls and top (issue 16) -------
+
+def _log_lines(px: Proxy, n: int, timeout: float = 15) -> list[dict[str, str]]:
+    """The proxy's first `n` per-connection lines, as dicts (logfmt)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in px.stderr().splitlines() if " conn=" in line]
+        if len(lines) >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(lines) == n, px.stderr()
+    out = []
+    for line in lines:
+        assert " INFO " in line, line
+        fields = line.split(" INFO ", 1)[1].split()
+        assert all("=" in f for f in fields), line
+        out.append(dict(f.split("=", 1) for f in fields))
+    return out
+
+
+def _scrape(port: int) -> dict[str, list]:
+    """The metrics, parsed by prometheus_client's own parser: family name
+    (as the parser names it) -> samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        head, body = recv_all(s).decode().split("\r\n\r\n", 1)
+    assert head.startswith("HTTP/1.0 200") and "text/plain; version=0.0.4" in head, head
+    return {f.name: f.samples for f in text_string_to_metric_families(body)}
+
+
+def _sample(fams: dict[str, list], name: str, **labels: str) -> float | None:
+    for samples in fams.values():
+        for smp in samples:
+            if smp.name == name and smp.labels == labels:
+                return smp.value
+    return None
+
+
+@pytest.mark.parametrize("engine", ["bpf", "worker"])
+def test_log_line_and_metrics_of_each_end(upstream, proxies, engine):
+    """One connection through a failed upstream then a clean one, one the
+    client resets, one the upstream resets: one log line each, whose fields
+    are the truth (addresses, exact bytes, why each direction ended), and
+    metrics that keep the failed connect, the client's abort and the
+    upstream's apart."""
+    dead = socket.create_server(("127.0.0.1", 0))
+    dead_addr = "%s:%d" % dead.getsockname()
+    dead.close()
+    port = _free_port()
+    px = proxies(dead_addr, upstream.addr, "--no-check", "--backend", engine,
+                 "--metrics", f"127.0.0.1:{port}")
+    data = random.Random(16).randbytes(300_000)
+    clients = []
+
+    # 1 (and 3): round robin starts at the dead upstream: refused, then
+    # the next one.
+    with socket.create_connection(px.addr, timeout=30) as s:
+        clients.append("%s:%d" % s.getsockname())
+        time.sleep(0.2)                     # a duration the line must show
+        s.sendall(b"E" + data)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == data
+    # 2: the client resets once it has its echo.
+    s = socket.create_connection(px.addr, timeout=30)
+    clients.append("%s:%d" % s.getsockname())
+    s.sendall(b"E" + data)
+    got = b""
+    while len(got) < len(data):
+        got += s.recv(1 << 16)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    # 3: the upstream resets once the client has half-closed.
+    with socket.create_connection(px.addr, timeout=30) as s:
+        clients.append("%s:%d" % s.getsockname())
+        s.sendall(b"R" + data)
+        s.shutdown(socket.SHUT_WR)
+        with pytest.raises(ConnectionResetError):
+            recv_all(s)
+
+    lines = sorted(_log_lines(px, 3), key=lambda f: int(f["conn"]))
+    listener = "%s:%d" % px.addr
+    for f, client in zip(lines, clients):
+        assert (f["client"], f["listener"], f["upstream"]) == (client, listener, upstream.addr), f
+        assert re.fullmatch(r"\d+\.\d{6}s", f["connect"]) and re.fullmatch(r"\d+\.\d{3}s", f["duration"]), f
+        assert re.fullmatch(r"\d{1,3}%", f["kernel"]) and int(f["kernel"][:-1]) <= 100, f
+    one, two, three = lines
+    assert (one["up_bytes"], one["down_bytes"]) == (str(len(data) + 1), str(len(data))), one
+    assert float(one["duration"][:-1]) >= 0.2, one
+    assert (one["up_end"], one["down_end"], one["end"]) == ("EOF", "EOF", "closed"), one
+    assert (two["up_bytes"], two["down_bytes"]) == (str(len(data) + 1), str(len(data))), two
+    assert two["end"] == "client_abort" and "EOF" not in (two["up_end"], two["down_end"]), two
+    assert three["up_bytes"] == str(len(data) + 1) and three["down_bytes"] == "0", three
+    assert three["end"] == "upstream_abort" and three["up_end"] == "EOF", three
+    if engine == "worker":
+        assert {f["kernel"] for f in lines} == {"100%"}, lines
+
+    fams = _scrape(port)
+    want = {"sosplice_info", "sosplice_connections", "sosplice_connections_active",
+            "sosplice_bytes", "sosplice_kernel_bytes", "sosplice_splice_ends",
+            "sosplice_upstream_connect_failures", "sosplice_client_aborts",
+            "sosplice_upstream_aborts", "sosplice_resets",
+            "sosplice_connection_duration_seconds", "sosplice_upstream_connect_seconds"}
+    assert set(want) <= set(fams), sorted(fams)
+    info = [smp for smp in fams["sosplice_info"] if smp.name == "sosplice_info"]
+    assert len(info) == 1 and info[0].value == 1 and info[0].labels["backend"] == engine, info
+    assert info[0].labels["version"], info
+    m = lambda name, **labels: _sample(fams, name, **labels)  # noqa: E731
+    assert m("sosplice_connections_total", listener=listener) == 3
+    assert m("sosplice_connections_active") == 0
+    # Round robin: connections 1 and 3 tried the dead upstream first.
+    assert m("sosplice_upstream_connect_failures_total", upstream=dead_addr) == 2
+    assert m("sosplice_upstream_connect_failures_total", upstream=upstream.addr) is None
+    assert m("sosplice_client_aborts_total") == 1
+    assert m("sosplice_upstream_aborts_total") == 1
+    assert fams["sosplice_resets"] == []             # the proxy cut nothing itself
+    assert m("sosplice_bytes_total", direction="up") == 3 * (len(data) + 1)
+    assert m("sosplice_bytes_total", direction="down") == 2 * len(data)
+    ends = {smp.labels["reason"]: smp.value for smp in fams["sosplice_splice_ends"]
+            if smp.name == "sosplice_splice_ends_total"}
+    assert sum(ends.values()) == 6 and ends["EOF"] >= 3, ends
+    assert m("sosplice_connection_duration_seconds_count") == 3
+    assert m("sosplice_connection_duration_seconds_bucket", le="0.1") <= 2   # one took 0.2 s
+    assert m("sosplice_upstream_connect_seconds_count") == 3
+    assert px.stop() == 0
+
+
+def test_log_level_warning_keeps_only_problems(upstream, proxies):
+    """--log-level warning: no line per connection."""
+    px = proxies(upstream.addr, "--log-level", "warning")
+    assert one_client(px.addr, random.Random(1)) is None
+    time.sleep(0.5)
+    assert px.stop() == 0
+    assert "conn=" not in px.stderr()
