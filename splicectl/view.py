@@ -469,7 +469,7 @@ def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str |
                      + (f" ({singles} one-way)" if singles else "")))
     if one_pid:
         r0 = snap.rows[0]
-        segs.append(Text(f"pid {r0.pid} {r0.proc} ({r0.backend})"))
+        segs.append(Text(f"pid {r0.pid} {r0.proc}" + (f" ({r0.backend})" if r0.backend else "")))
     else:
         segs.append(Text(f"{len(pids)} processes" if pids else f"{snap.engines} engines"))
     if moved:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -619,3 +620,100 @@ def test_log_level_warning_keeps_only_problems(upstream, proxies):
     time.sleep(0.5)
     assert px.stop() == 0
     assert "conn=" not in px.stderr()
+
+
+def _view(*args: str, env: dict) -> str:
+    r = subprocess.run([PY, "-m", "splicectl", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.fixture
+def dual_stack(upstream, tmp_path):
+    """Two proxies with a run dir of their own, one on a dual-stack [::]
+    listener, each with two connections over IPv4 (::ffff:-mapped on the
+    first) that have echoed 100,000 bytes each way. Yields (env for ls and
+    top, client ports, listener ports, the proxies)."""
+    env = dict(os.environ, SOSPLICE_RUN_DIR=str(tmp_path / "run"), COLUMNS="200")
+    pxs, conns = [], []
+    try:
+        for listen in ("[::]:0", "127.0.0.1:0"):
+            pxs.append(Proxy(upstream.addr, "--backend", "worker", listen=listen, env=env))
+            for _ in range(2):
+                s = socket.create_connection(("127.0.0.1", pxs[-1].addr[1]), timeout=10)
+                conns.append(s)
+                s.sendall(b"E" + b"x" * 99_999)
+                got = 0
+                while got < 99_999:
+                    got += len(s.recv(1 << 16))
+        yield env, [s.getsockname()[1] for s in conns], [p.addr[1] for p in pxs], pxs
+    finally:
+        for s in conns:
+            s.close()
+        for p in pxs:
+            p.stop(signal.SIGKILL)
+
+
+def test_ls_fits_80_columns_with_a_dual_stack_listener(dual_stack):
+    """ls in a terminal 200 wide: at most 80 columns, IPv4-mapped peers as
+    IPv4, one row per connection with both byte counts uncut, and every
+    column explained in --help."""
+    env, ports, _, pxs = dual_stack
+    out = _view("ls", env=env)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, out
+    assert "::ffff:" not in out and "…" not in out, out
+    head = next(line for line in lines if line.lstrip().startswith("PID"))
+    assert head.split() == ["PID", "A", "B", "A→B", "A←B", "KERN", "RATE", "IDLE", "STATE"], head
+    assert "2 processes" in out and "4 live, 0 ended connections" in out, out
+    for port in ports:
+        rows = [line for line in lines if f"127.0.0.1:{port} " in line]
+        assert len(rows) == 1, (port, out)         # both directions on one row
+        pid, a, b, up, down, kern, *_ = rows[0].split()
+        assert int(pid) in {p.p.pid for p in pxs} and b.startswith("127.0.0.1:"), rows[0]
+        assert (up, down, kern) == ("98K", "98K", "100%"), rows[0]   # 100,000 bytes, worker
+    helptext = _view("ls", "--help", env=env)
+    for word in head.split() + ["active*", "flush", "EOF", "/run/sosplice", "SOSPLICE_RUN_DIR"]:
+        assert word in helptext, word
+    assert "q  quit" in _view("top", "--help", env=env)
+
+
+def test_render_cuts_long_addresses_before_numbers():
+    """Addresses too long for 80 columns lose their left end, never their
+    port, and no number is cut (a pure function: no kernel involved)."""
+    from splicectl import view
+    a, b = "2001:db8:aaaa:bbbb:cccc:dddd:eeee:1", "2001:db8:1111:2222:3333:4444:5555:2"
+    doc = {"pid": 4194304, "time": time.time(), "splices": [
+        {"source": [[b, 443], [a, 50001]], "drain": [[b, 40000], [b, 8443]],
+         "source_cookie": 1, "drain_cookie": 2, "bytes": 123_456_789_012, "kernel_bytes": 0,
+         "state": "active", "age": 3.0},
+        {"source": [[b, 40000], [b, 8443]], "drain": [[b, 443], [a, 50001]],
+         "source_cookie": 2, "drain_cookie": 1, "bytes": 5, "kernel_bytes": 5,
+         "state": "done", "error": 104, "age": 3.0}]}
+    console = view.Console(width=80, record=True, file=io.StringIO())
+    console.print(view.render(view.snapshot_from_docs([doc]), width=80))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80, lines
+    assert "pid 4194304" in lines[0], lines
+    row = next(line for line in lines if ":50001 " in line)
+    assert ":50001 " in row and "…" in row and ":8443 " in row, row
+    assert " 115G " in row and " 5 " in row and " 0% " in row and "active/ECONNRESET" in row, row
+
+
+def test_top_batch_prints_whole_frames_to_a_pipe(dual_stack):
+    """top | cat (and --batch): one frame per interval, each ending with a
+    newline, no terminal escapes, and the rows in every frame."""
+    env, ports, lports, pxs = dual_stack
+    for extra in ([], ["--batch"]):
+        r = subprocess.run(f"{PY} -m splicectl top 0.3 3 {' '.join(extra)} | cat", shell=True,
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout
+        assert out.endswith("\n") and "\x1b" not in out, repr(out[-200:])
+        frames = out.split("splicectl top every 0.3 s by bytes")
+        assert frames[0] == "" and len(frames) == 4, out
+        for f in frames[1:]:
+            assert f.endswith("\n"), repr(f)
+            assert "last 60 s" in f and all(f"127.0.0.1:{p} " in f for p in ports), f
+            assert max(len(line) for line in f.splitlines()) <= 80, f
