@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["debug", "info", "warning", "error"],
                     help="info (the default) writes one line per connection when it ends "
                          "(addresses, bytes each way, in-kernel share, duration, why each "
-                         "direction ended; docs/metrics.md); warning keeps only problems")
+                         "direction ended; docs/observing.md); warning keeps only problems")
 
     dm = sub.add_parser("demo", help="spliced proxy vs userspace relay, hash-checked")
     dm.add_argument("--seconds", type=_positive_float, default=5.0, help="spliced run length (default 5)")

@@ -1,4 +1,4 @@
-"""The Prometheus metrics of `splicectl proxy` (docs/metrics.md lists them).
+"""The Prometheus metrics of `splicectl proxy` (docs/observing.md lists them).
 
 Built on `prometheus_client` (Debian: python3-prometheus-client), in a
 registry of the proxy's own: two proxies in one process (tests) never

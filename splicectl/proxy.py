@@ -837,7 +837,7 @@ class Proxy:
         """The connection's one line, at info, once it is closed and its
         splices have ended (so that the byte counts are final).
 
-        logfmt, keys in this order (docs/metrics.md): conn client listener
+        logfmt, keys in this order (docs/observing.md): conn client listener
         upstream connect duration up_bytes down_bytes kernel up_end
         down_end end. Bytes are exact; kernel is the share of both
         directions moved without a copy through the proxy, floored (100%:
