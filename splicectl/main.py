@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kernel bytes held per splice beyond socket buffers, 64K to 256M "
                          "(default 4M)")
     px.add_argument("--metrics", metavar="HOST:PORT", default=None, type=_addr(listen=True),
-                    help="serve Prometheus metrics over HTTP here")
+                    help="serve Prometheus metrics over HTTP here (docs/observing.md lists "
+                         "them)")
     px.add_argument("--grace", type=_seconds(zero_ok=True), default=5.0, metavar="S",
                     help="on SIGINT/SIGTERM stop accepting and let connections finish for S "
                          "seconds, then reset those still open (default 5; 0: at once)")

@@ -717,3 +717,17 @@ def test_top_batch_prints_whole_frames_to_a_pipe(dual_stack):
             assert f.endswith("\n"), repr(f)
             assert "last 60 s" in f and all(f"127.0.0.1:{p} " in f for p in ports), f
             assert max(len(line) for line in f.splitlines()) <= 80, f
+
+
+def test_sparkline_scales_to_the_peak_and_forgets_the_old():
+    """One character per 2 s of the last minute, the peak full height,
+    blank before the first reading, readings older than a minute gone."""
+    from splicectl import view
+    now = 1000.0
+    hist = [(now - 120, 1e12)] + [(now - 40 + i, float(i)) for i in range(41)]   # 0 .. 40 B/s
+    line = view.sparkline(hist, now)
+    assert len(line) == view.SPARK_WIDTH == 30
+    assert line[:9] == " " * 9 and line[-1] == "█", repr(line)       # 1e12 forgotten
+    assert list(line[10:]) == sorted(line[10:]) and line[10] == "▁", repr(line)
+    assert view.sparkline([], now) == " " * 30
+    assert view.sparkline([(now, 0.0)], now) == " " * 29 + "▁"
