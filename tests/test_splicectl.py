@@ -731,3 +731,25 @@ def test_sparkline_scales_to_the_peak_and_forgets_the_old():
     assert list(line[10:]) == sorted(line[10:]) and line[10] == "▁", repr(line)
     assert view.sparkline([], now) == " " * 30
     assert view.sparkline([(now, 0.0)], now) == " " * 29 + "▁"
+
+
+def test_log_lines_of_connections_cut_at_exit(upstream, proxies):
+    """Connections still open when --grace runs out are reset at exit; each
+    still gets its line, with its exact bytes, both directions `cut` and
+    end=grace (written after the engine has closed)."""
+    px = proxies(upstream.addr, "--grace", "0.3", "--backend", "worker")
+    conns = [socket.create_connection(px.addr, timeout=10) for _ in range(2)]
+    ports = sorted(s.getsockname()[1] for s in conns)
+    for s in conns:
+        s.sendall(b"Eping")
+        assert s.recv(4) == b"ping"
+    try:
+        assert px.stop(signal.SIGTERM) == 0
+        lines = _log_lines(px, 2, timeout=0)
+    finally:
+        for s in conns:
+            s.close()
+    assert sorted(int(f["client"].rsplit(":", 1)[1]) for f in lines) == ports, lines
+    for f in lines:
+        assert (f["up_bytes"], f["down_bytes"], f["up_end"], f["down_end"], f["end"]) == \
+            ("5", "4", "cut", "cut", "grace"), f
