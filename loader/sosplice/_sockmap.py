@@ -30,6 +30,7 @@ Ordering invariants (see docs/design.md for the argument):
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes as ct
 import errno
 import heapq
@@ -39,6 +40,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import _sock
@@ -51,6 +53,8 @@ from ._splice import Splice, SpliceRecord, State
 # splice cannot starve the others.
 COPY_CHUNK = 256 << 10
 COPY_BUDGET = 4 << 20
+# Most a fresh source's queue is read at splice(), in the caller's thread.
+PREFETCH_MAX = 4 << 20
 # How often to re-read the drain while waiting for its backlog to empty.
 FLUSH_POLL = 0.001
 FLUSH_POLL_MAX = 0.05
@@ -73,6 +77,33 @@ _CLAIMED: dict[int, SockmapSplicer] = {}
 # and with them its former sources, which it can splice again.
 _RETIRED: list[Programs] = []
 _RETIRED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _urgent_in_band(s: socket.socket) -> Iterator[None]:
+    """recv() urgent bytes in band, as the verdict carries them: out of
+    band, recv() would skip an urgent byte already queued."""
+    inline = s.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE)
+    if not inline:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    try:
+        yield
+    finally:
+        if not inline:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 0)
+
+
+def _at_queue_end(s: socket.socket, data: bytes, asked: int) -> bool:
+    """Whether a read of `asked` bytes that returned `data` emptied the
+    TCP receive queue, so that what arrives next starts a new skb.
+
+    tcp_recvmsg() returns fewer bytes than asked (without a FIN or an
+    error) only when it has eaten every skb in the queue, or when it stops
+    at the urgent mark, which may lie inside one. This matters because
+    the verdict gets a partly read skb whole, already read bytes and all:
+    a source may join its map only where the queue starts on a new skb.
+    """
+    return len(data) < asked and not _sock.at_mark(s)
 
 
 def reap_retired() -> None:
@@ -113,7 +144,7 @@ class SockmapRecord(SpliceRecord):
     flushed_once: bool = False     # [C] one flushed reading seen while dissolving
     last_written: int = 0          # [C] drain's written count at the last look
     paused: bool = False           # [C] not yet in `sources`: new bytes wait in its TCP queue (_admit)
-    unmapped: bool = False         # [C] could not go into `sources`: read it directly
+    unmapped: bool = False         # [C] out of `sources`, read directly: past its FIN, or paused before its queue's end (_take_direct)
     backoff: float = 0.001         # [C] seconds until the next look without events
     moved: int = 0                 # [K] bytes the verdict redirected
     passed: int = 0                # [K] bytes the verdict left on the source
@@ -404,27 +435,31 @@ class SockmapSplicer(Splicer):
         the source must stay out of the map: EOF, or `max` already reached.
         May be called again (the FIN arrived meanwhile): it adds to what
         the first call took.
+
+        Takes at most PREFETCH_MAX: a peer that sends faster than this loop
+        reads would keep it going, and its memory growing, for ever. If it
+        stops before the queue's end the source is left `unmapped` and the
+        controller reads on until it finds one (_take_direct).
         """
         chunks = [rec.pending]
-        want = (rec.max - rec.taken) if rec.max else 1 << 62
-        # In band, as the verdict carries urgent data once spliced: out of
-        # band, recv() would skip an urgent byte already queued.
-        inline = rec.src.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE)
-        if not inline:
-            rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-        try:
-            self._take_queued(rec, chunks, want)
-        finally:
-            if not inline:
-                rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 0)
+        room = (rec.max - rec.taken) if rec.max else PREFETCH_MAX
+        with _urgent_in_band(rec.src):
+            at_end = self._take_queued(rec, chunks, min(room, PREFETCH_MAX))
         rec.pending = b"".join(chunks)
         rec.taken = rec.q_old = len(rec.pending)
-        return rec.eof or bool(rec.max) and rec.taken >= rec.max
+        done = rec.eof or bool(rec.max) and rec.taken >= rec.max
+        if not (at_end or done):
+            rec.unmapped = True
+        return done
 
-    def _take_queued(self, rec: SockmapRecord, chunks: list[bytes], want: int) -> None:
+    def _take_queued(self, rec: SockmapRecord, chunks: list[bytes], want: int) -> bool:
+        """Read up to `want` bytes into `chunks`; True if the reads ended
+        at the end of the queue (_at_queue_end) or at EOF."""
+        n = COPY_CHUNK
         while want > 0:
+            n = min(want, n)
             try:
-                data = rec.src.recv(min(want, COPY_CHUNK), socket.MSG_DONTWAIT)
+                data = rec.src.recv(n, socket.MSG_DONTWAIT)
                 if not data:
                     # Not FIONREAD, and EOF only if a second read agrees: a
                     # socket with a psock (it may be the drain of another
@@ -433,14 +468,18 @@ class SockmapSplicer(Splicer):
                     # (tcp_bpf_recvmsg looks at that queue before it takes
                     # the socket lock). Measured on 6.18:
                     # tests/test_transfer.py::test_answer_and_fin_before_the_splice.
-                    data = rec.src.recv(min(want, COPY_CHUNK), socket.MSG_DONTWAIT)
+                    data = rec.src.recv(n, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                break
+                return True
             if not data:
                 rec.eof = True
-                break
+                return True
             chunks.append(data)
             want -= len(data)
+            if _at_queue_end(rec.src, data, n):
+                return True
+            n = _sock.inq(rec.src) + COPY_CHUNK
+        return False
 
     def _measure_queue(self, rec: SockmapRecord) -> int:
         """Bytes in the source's queue that the verdict did not count.
@@ -592,10 +631,12 @@ class SockmapSplicer(Splicer):
             if rec.fifo == 0 and not rec.unmapped:
                 self._publish(rec, acked)
                 break
-            room = rec.max - rec.bytes if rec.max else COPY_CHUNK
-            # An unmapped source's bytes are in its TCP queue, uncounted:
-            # read until it is empty or says EOF.
-            n = min(COPY_CHUNK if rec.unmapped else rec.fifo, COPY_CHUNK, room, budget)
+            room = rec.max - rec.bytes if rec.max else 1 << 62
+            n = min(rec.fifo, COPY_CHUNK, room, budget)
+            if rec.unmapped:
+                # Its bytes are in its TCP queue, uncounted: read them all
+                # at once if it can be done, to find the queue's end.
+                n = min(_sock.inq(rec.src) + COPY_CHUNK, room)
             if n <= 0:
                 break
             if written < rec.moved + rec.sent:
@@ -606,6 +647,11 @@ class SockmapSplicer(Splicer):
                 # not acknowledged stay within it whichever path sent them.
                 self._later(rec)
                 break
+            if rec.unmapped:
+                if not self._take_direct(rec, n):
+                    break
+                budget -= len(rec.pending)
+                continue
             try:
                 data = rec.src.recv(n, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
@@ -614,11 +660,8 @@ class SockmapSplicer(Splicer):
                 self._dissolve(rec, e.errno or errno.EIO)
                 break
             if not data:
-                rec.eof = rec.eof or rec.unmapped
                 break
             rec.taken += len(data)
-            if rec.unmapped:
-                rec.q_old += len(data)  # taken without the verdict: fifo stays 0
             rec.pending = data
             rec.last_copy_ns = time.monotonic_ns()
             budget -= len(data)
@@ -629,7 +672,7 @@ class SockmapSplicer(Splicer):
             # The last reading of the drain: an older `acked` can only
             # make the credit smaller, never let it pass the cap.
             self._publish(rec, acked)
-            if rec.paused and not rec.pending:
+            if rec.paused and not rec.unmapped and not rec.pending:
                 self._admit(rec)
 
         if rec.state is not State.ACTIVE:
@@ -646,6 +689,37 @@ class SockmapSplicer(Splicer):
             self._move(rec)
 
     # -- a source that starts out of the map ---------------------------------
+
+    def _take_direct(self, rec: SockmapRecord, n: int) -> bool:
+        """One read of an unmapped source, outside the verdict; False when
+        there is nothing more to read for now.
+
+        A source that started paused is unmapped while what its peer sent
+        before the splice is still coming in (_prefetch stopped short):
+        once a read finds the queue's end, it stays out of the map, its
+        new bytes waiting in the TCP queue, until _admit. Any other
+        unmapped source is past its FIN: it is read to EOF.
+        """
+        try:
+            with _urgent_in_band(rec.src):
+                data = rec.src.recv(n, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            rec.unmapped = not rec.paused
+            return False
+        except OSError as e:
+            self._dissolve(rec, e.errno or errno.EIO)
+            return False
+        if not data:
+            rec.eof = True
+            rec.paused = False  # nothing left to admit
+            return False
+        rec.taken += len(data)
+        rec.q_old += len(data)  # taken without the verdict: fifo stays 0
+        rec.pending = data
+        rec.last_copy_ns = time.monotonic_ns()
+        if rec.paused and _at_queue_end(rec.src, data, n):
+            rec.unmapped = False
+        return True
 
     def _enter_sources(self, rec: SockmapRecord) -> None:
         """Insert the source into `sources`, and run the verdict over what
