@@ -196,6 +196,7 @@ class SockmapSplicer(Splicer):
         self._prog = adopt_programs(max_sockets)
         self._max_sockets = max_sockets
         self._byfd: dict[int, SockmapRecord] = {}       # our dup's fd -> record
+        self._sleeps_until = 1 << 63   # monotonic ns the controller means to wake by (_run)
         self._sources: set[int] = set()                 # cookies we put in `sources`
         # Free slots of the ctl/stats arrays, oldest first: a slot is used
         # again as late as possible after its splice ended (its owner check
@@ -315,8 +316,17 @@ class SockmapSplicer(Splicer):
         self._ep.register(rec.dst.fileno(), 0)  # EPOLLERR and EPOLLHUP always report
         if rec.idle_ns:
             self._at(rec, rec.started_ns + rec.idle_ns)
-        self._later(rec)
-        os.eventfd_write(self._wake, 1)
+        # A splice the verdict can run alone needs no look until an event:
+        # the ring buffer's at half credit, EPOLLIN for a passed skb (epoll
+        # reports a source already readable when it is registered). Waking
+        # the controller for every splice cost a proxy a thread switch per
+        # direction; nor does a timer due after the controller's planned
+        # wake-up need one (_run).
+        soon = bool(rec.pending) or rec.fifo > 0 or rec.paused or rec.unmapped or rec.eof
+        if soon:
+            self._later(rec)
+        if soon or rec.idle_ns and rec.started_ns + rec.idle_ns < self._sleeps_until:
+            os.eventfd_write(self._wake, 1)
 
     def _claim_slot(self, rec: SockmapRecord) -> None:
         """Give the record's slot its owner, holding the verdict (it passes
@@ -500,7 +510,10 @@ class SockmapSplicer(Splicer):
     def _run(self) -> None:
         next_sweep = time.monotonic() + CLOSE_SWEEP
         while True:
+            # Unknown while it is computed: a timer armed meanwhile wakes us.
+            self._sleeps_until = 1 << 63
             timeout = self._timeout(next_sweep)
+            self._sleeps_until = time.monotonic_ns() + int(timeout * 1e9)
             try:
                 events = self._ep.poll(timeout)
             except (OSError, ValueError):
