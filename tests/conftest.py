@@ -115,7 +115,7 @@ _TCPI_BYTES_ACKED = 120
 def tcp_written(sock: socket.socket) -> int:
     """Bytes ever written into a TCP socket: tcpi_bytes_acked + SIOCOUTQ.
 
-    (KERNEL-NOTES 4: what a drain has taken from the splice.)
+    (docs/kernel.md K4: what a drain has taken from the splice.)
     """
     def acked() -> int:
         info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 128)
