@@ -27,6 +27,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from sosplice import _sock
+
 # Deadline for any single blocking step of a test unless it says otherwise.
 STEP_TIMEOUT = 10.0
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
@@ -108,25 +110,17 @@ def outq(sock: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
-TCP_INFO = 11
-_TCPI_BYTES_ACKED = 120
-
-
 def tcp_written(sock: socket.socket) -> int:
     """Bytes ever written into a TCP socket: tcpi_bytes_acked + SIOCOUTQ.
 
     (docs/kernel.md K4: what a drain has taken from the splice.)
     """
-    def acked() -> int:
-        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 128)
-        return struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
-
     # Two readings: an ACK between them moves bytes from SIOCOUTQ to acked.
     # `acked` only grows, so equal readings around SIOCOUTQ make an exact sum.
     while True:
-        before = acked()
+        before = _sock.bytes_acked(sock)
         queued = outq(sock)
-        if acked() == before:
+        if _sock.bytes_acked(sock) == before:
             return before + queued
 
 
