@@ -113,7 +113,7 @@ def outq(sock: socket.socket) -> int:
 def tcp_written(sock: socket.socket) -> int:
     """Bytes ever written into a TCP socket: tcpi_bytes_acked + SIOCOUTQ.
 
-    (docs/kernel.md K4: what a drain has taken from the splice.)
+    (docs/kernel-notes.md K4: what a drain has taken from the splice.)
     """
     # Two readings: an ACK between them moves bytes from SIOCOUTQ to acked.
     # `acked` only grows, so equal readings around SIOCOUTQ make an exact sum.

@@ -4,7 +4,7 @@ Each test breaks something while bytes are in flight (a peer resets or
 closes, the application closes a spliced fd, a limit fires while both
 directions run at full speed, the engine or the whole process goes away, a
 reader crawls, the path has a smaller MTU) and then checks what the contract
-keeps (docs/api.md, Semantics):
+keeps (docs/api.md, Semantics 6-10):
 
 - every byte counted in `bytes` reaches the drain's peer, in order (sha256
   against the deterministic stream that was sent);
@@ -378,7 +378,7 @@ def test_app_closes_source_while_spliced(env, splicer, reader):
 
 @pytest.mark.parametrize("reader", ["reading", "paused"])
 def test_source_peer_sees_app_close(env, splicer, backend, reader, request):
-    """The peers see the close (docs/api.md, Semantics). A socket closed with bytes it
+    """The peers see the close (docs/api.md, Semantics 10). A socket closed with bytes it
     never read resets its peer, so the source's peer, still pushing, gets
     ECONNRESET/EPIPE at once (as without a splice: ~0.5 s here)."""
     L0, R0, R1, sp, wr, rd, closed_at = _close_source_mid_transfer(env, splicer, reader,

@@ -119,7 +119,7 @@ def test_auto_without_privilege_is_the_worker_backend():
 
 
 def test_kernel_splice2_does_not_see_bytes_passed_by_the_verdict():
-    """docs/kernel.md K15, why a splice cannot move from bpf to worker: once a
+    """docs/kernel-notes.md K15, why a splice cannot move from bpf to worker: once a
     socket has been in `sources`, bytes the verdict passes sit in its psock
     queue, which recv() reads and splice(2) does not."""
     import sosplice

@@ -17,7 +17,7 @@ from pathlib import Path
 from ._maps import SpliceCtl, SpliceStats
 
 # Two egress-backlog bugs that lose or duplicate bytes were fixed in 6.16
-# (docs/kernel.md K16). Splicing on an older kernel can corrupt a stream
+# (docs/kernel-notes.md K16). Splicing on an older kernel can corrupt a stream
 # silently, so we refuse.
 MIN_KERNEL = (6, 16)
 
@@ -168,7 +168,7 @@ class Programs:
                          mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-    # bcc's Table refuses sockhash maps (docs/kernel.md, bcc), so these go through
+    # bcc's Table refuses sockhash maps (docs/kernel-notes.md, bcc), so these go through
     # libbcc directly on the map fd. Every such map is keyed by a socket
     # cookie and holds a u32: an fd for the two sockhashes, a slot in `slots`.
     def insert(self, map_fd: int, cookie: int, value: int) -> None:

@@ -63,7 +63,7 @@ def progress(s: socket.socket) -> tuple[int, int, int]:
 
     acked + queued = bytes ever written into the socket: redirected bytes
     show up here once the drain's backlog worker has handed them to TCP
-    (docs/kernel.md K4), which is how we know the backlog is empty.
+    (docs/kernel-notes.md K4), which is how we know the backlog is empty.
     """
     info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_LEN)
     acked = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]

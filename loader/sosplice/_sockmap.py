@@ -21,7 +21,7 @@ Ordering invariants (see docs/design.md for the argument):
      before ctl is published, deleted only after ctl is gone and the drain's
      backlog is empty (a drain leaving the map loses its backlog).
   4. A source never leaves `sources` while bytes may sit in its queue
-     or arrive (they would be lost, docs/kernel.md K7, K13; an skb arriving
+     or arrive (they would be lost, docs/kernel-notes.md K7, K13; an skb arriving
      during the delete is lost or duplicated now and then): it leaves only
      after EOF with an empty queue, or when closed. A fresh source with
      bytes queued before the splice enters it only once the controller
@@ -68,7 +68,7 @@ _CLAIMED: dict[int, SockmapSplicer] = {}
 
 # Programs of closed engines whose `sources` map still holds open sockets.
 # A socket leaves its sockmap only losslessly when nothing is queued in its
-# psock and nothing can arrive meanwhile (docs/kernel.md K7, K13): tearing the
+# psock and nothing can arrive meanwhile (docs/kernel-notes.md K7, K13): tearing the
 # map down under a former source drops the bytes its verdict passed and
 # leaves the socket unreadable (FIONREAD shows them, recv() never returns
 # them: issue 11, item 2). So closing an engine keeps the verdict (which
@@ -265,13 +265,13 @@ class SockmapSplicer(Splicer):
         handle = Splice(self)
         now = time.monotonic_ns()
         # A drain whose peer already half-closed (CLOSE_WAIT) cannot enter a
-        # sockmap (docs/kernel.md K9); it can still send, so the controller
+        # sockmap (docs/kernel-notes.md K9); it can still send, so the controller
         # copies every byte of such a splice itself (credit stays 0).
         drain_in_map = True
         if dst.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 4 * self.backlog_cap:
             # Room for the whole cap in the drain's own send queue, with
             # the kernel's per-skb overhead (see _publish). Also what lifts
-            # bulk speed (docs/kernel.md K14).
+            # bulk speed (docs/kernel-notes.md K14).
             dst.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * self.backlog_cap)
         try:
             self._prog.insert(self._prog.drains_fd, dcookie, dst.fileno())
@@ -367,7 +367,7 @@ class SockmapSplicer(Splicer):
                        "splice before calling shutdown() on it")
         if state != _sock.TCP_ESTABLISHED:
             # CLOSE_WAIT: the peer sent FIN; the socket cannot join a map
-            # (docs/kernel.md K9), and nothing more can arrive: take what is
+            # (docs/kernel-notes.md K9), and nothing more can arrive: take what is
             # left now, the controller sends it.
             self._prefetch(rec)
             return True
@@ -737,7 +737,7 @@ class SockmapSplicer(Splicer):
     def _enter_sources(self, rec: SockmapRecord) -> None:
         """Insert the source into `sources`, and run the verdict over what
         its TCP queue holds: those bytes reach the verdict only on the next
-        data_ready, which SO_RCVLOWAT 1 triggers now (docs/kernel.md K8). Raises the
+        data_ready, which SO_RCVLOWAT 1 triggers now (docs/kernel-notes.md K8). Raises the
         insert's OSError."""
         self._prog.insert(self._prog.sources_fd, rec.src_cookie, rec.src.fileno())
         # Never discarded: cookies are not reused, and a closed socket
@@ -761,7 +761,7 @@ class SockmapSplicer(Splicer):
         try:
             self._enter_sources(rec)
         except OSError:
-            # Only an ESTABLISHED socket can join a map (docs/kernel.md K9): the peer's
+            # Only an ESTABLISHED socket can join a map (docs/kernel-notes.md K9): the peer's
             # FIN or a reset came while it was out. Nothing more can
             # arrive; the controller reads what is left itself, once the
             # drain has taken every byte sent before (invariant 2).
