@@ -107,9 +107,22 @@ def _addr(*, listen: bool):
     return _checked(lambda text: _proxy.parse_addr(text, listen=listen))
 
 
+class _Version(argparse.Action):
+    """--version: imports sosplice only when asked (ls/top start faster)."""
+
+    def __init__(self, option_strings, dest, **kw) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import sosplice
+        print(f"splicectl {sosplice.__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="splicectl", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     px = sub.add_parser("proxy", help="TCP proxy that splices in the kernel",

@@ -606,10 +606,15 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     every `Splicer()` made without a backend use it for the test.
     """
     import sosplice
-    from sosplice._engine import resolve_backend
 
-    # Not parametrised: whatever $SOSPLICE_BACKEND (or "auto") says.
-    name = getattr(request, "param", None) or resolve_backend(None)
+    # Not parametrised: whatever $SOSPLICE_BACKEND says; "auto" is bpf if
+    # its programs load, as in Splicer(backend="auto").
+    name = getattr(request, "param", None) or os.environ.get("SOSPLICE_BACKEND") or "auto"
+    if name == "auto":
+        try:
+            name = _default_engine_for("bpf").backend
+        except Exception:
+            name = "worker"
     monkeypatch.setenv("SOSPLICE_BACKEND", name)
     monkeypatch.setattr(sosplice, "_default", _default_engine_for(name))
     return name
