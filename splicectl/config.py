@@ -71,11 +71,13 @@ class _Lines:
         # (first line, end line) of the top level and of each [[listen]], 1-based.
         self.top = (1, len(self.lines) + 1)
         self.listen: list[tuple[int, int]] = []
+        self.tables: dict[str, int] = {}      # a table's name -> its first header line
         starts: list[tuple[str, int]] = []
         for i, line in enumerate(self.lines, 1):
             m = self._HEADER.match(line)
             if m:
                 starts.append((m.group(1).strip("\"'"), i))
+                self.tables.setdefault(starts[-1][0], i)
         if starts:
             self.top = (1, starts[0][1])
         for k, (name, i) in enumerate(starts):
@@ -95,7 +97,7 @@ class _Lines:
         for i in range(start, end):
             if pat.match(self.lines[i - 1]):
                 return i
-        return start
+        return self.tables.get(key, start) if table is None else start
 
 
 def load(path: str | Path) -> Config:
