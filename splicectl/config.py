@@ -115,10 +115,16 @@ def load(path: str | Path) -> Config:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        # "Invalid value (at line 3, column 8)": tomllib says where.
-        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
-        where = f"{m.group(1)}:{m.group(2)}" if m else "1"
-        raise ConfigError(f"{path}:{where}: not TOML: {re.sub(r' [(]at line.*', '', str(e))}") from None
+        # tomllib says where: "Invalid value (at line 3, column 8)", or
+        # "(at end of document)"; the key is the one that line assigns.
+        msg = str(e)
+        m = re.search(r" \(at line (\d+), column (\d+)\)$", msg)
+        lines = text.splitlines() or [""]
+        line, where = (int(m.group(1)), f"{m.group(1)}:{m.group(2)}") if m else \
+            (len(lines), str(len(lines)))
+        key = re.match(r"\s*([\w.\"'-]+)\s*=", lines[min(line, len(lines)) - 1])
+        raise ConfigError(f"{path}:{where}: {key.group(1) + ': ' if key else ''}not TOML: "
+                          f"{re.sub(r' [(]at (line|end).*', '', msg)}") from None
     return from_dict(doc, _Lines(text), str(path))
 
 
@@ -200,8 +206,10 @@ def _upstreams(value: Any) -> tuple[tuple[str, int], ...]:
 
 def _seconds(*, zero_ok: bool = False):
     def check(value: Any) -> float:
-        return check_seconds(float(_typed(value, (int, float), "a number of seconds")),
-                             zero_ok=zero_ok)
+        v = _typed(value, (int, float), "a number of seconds")
+        if isinstance(v, int) and abs(v) > 1 << 53:   # float() of a huge int overflows
+            v = math.copysign(math.inf, v)
+        return float(check_seconds(v, zero_ok=zero_ok))
     return check
 
 

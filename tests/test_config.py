@@ -100,6 +100,27 @@ def test_bad_file_is_one_line_naming_file_line_and_key(tmp_path, change, line, k
     assert key in msg, msg
 
 
+def test_sample_config_unit_and_readme_agree():
+    """contrib/proxy.toml loads, README shows it verbatim, the error README
+    quotes is the one it gets, and the unit reloads with SIGHUP under
+    capabilities rather than root."""
+    from splicectl import config
+
+    sample = (ROOT / "contrib/proxy.toml").read_text()
+    cfg = config.from_dict(tomllib.loads(sample), config._Lines(sample), "proxy.toml")
+    assert [lc.send_proxy for lc in cfg.listeners] == [None, "v2"]
+    readme = (ROOT / "README.md").read_text()
+    assert f"```toml\n{sample}```" in readme
+    bad = sample.replace("idle = 300 ", "idle = -1 ")
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict(tomllib.loads(bad), config._Lines(bad), "proxy.toml")
+    assert f"`{e.value}`" in readme.replace("\n", " "), str(e.value)
+    unit = (ROOT / "contrib/splicectl.service").read_text()
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    assert "AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_NET_ADMIN" in unit
+    assert "User=root" not in unit and "DynamicUser=yes" in unit
+
+
 def test_no_listen_table_is_refused(tmp_path):
     from splicectl import config
 
