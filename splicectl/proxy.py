@@ -1131,13 +1131,15 @@ def run_cli(args) -> int:
         from . import config
         reloader = lambda: replace(config.load(path), check_upstreams=False)  # noqa: E731
     proxy = Proxy(cfg, reloader=reloader)
+    # Before start(), which can take seconds (bpf compiles): a SIGHUP then
+    # (systemctl reload) is queued for the loop instead of killing us.
+    signal.signal(signal.SIGHUP, lambda *_: proxy.reload())
     try:
         proxy.start()
     except PermissionError as e:
         raise SystemExit(f"splicectl proxy: {e.strerror or e}")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: proxy.stop())
-    signal.signal(signal.SIGHUP, lambda *_: proxy.reload())
     # One line, first: where, and on which backend and why (service logs
     # and scripts read it; the tests parse the first address).
     msg = f"listening on {proxy.describe()}"
