@@ -48,6 +48,7 @@ class Row:
     rate: float            # bytes/s: between two readings, else the average
     rate_measured: bool    # True: from two readings
     backend: str = ""      # the engine's backend: "bpf" or "worker"
+    listener: str = ""     # splicectl proxy: the listener's HOST:PORT (the splice's label)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,7 +131,7 @@ def rows_from_doc(doc: dict, now: float, prev: dict, ftime: float) -> list[tuple
             state=str(s.get("state", "?")), error=err, reason=reason_name(err),
             throttled=bool(s.get("throttled", False)), age=age,
             idle_for=float(s.get("idle_for", 0.0)), rate=rate, rate_measured=measured,
-            backend=str(doc.get("backend", "")),
+            backend=str(doc.get("backend", "")), listener=str(s.get("label") or ""),
         )
         out.append((row, (k, ftime, b)))
     return out
@@ -297,6 +298,9 @@ def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str |
         f"now {human_bytes(total_rate)}B/s  ",
         (time.strftime("%H:%M:%S", time.localtime(snap.time)), "dim"),
     )
+    by_listener = listener_totals(rows)
+    if by_listener is not None:
+        head = Text.assemble(head, "\n", by_listener)
     t = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold", expand=False)
     t.add_column("PID", justify="right", no_wrap=True)
     if wide:
@@ -335,6 +339,22 @@ def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str |
                    "* = copy path" if not wide else ""),
                 style="dim")
     return Group(head, t, foot)
+
+
+def listener_totals(rows: Iterable[Row]) -> Text | None:
+    """"listeners: 127.0.0.1:8080 4 live 1.5MB, [::]:8443 0 live 10.0MB":
+    live splices (two per connection) and bytes moved per proxy listener;
+    None when no splice has a listener."""
+    live: dict[str, int] = {}
+    moved: dict[str, int] = {}
+    for r in rows:
+        if r.listener:
+            live[r.listener] = live.get(r.listener, 0) + (r.state != "done")
+            moved[r.listener] = moved.get(r.listener, 0) + r.bytes
+    if not live:
+        return None
+    parts = [f"{name} {live[name]} live {human_bytes(moved[name])}B" for name in sorted(live)]
+    return Text("listeners: " + ", ".join(parts), style="dim")
 
 
 def _console(wide: bool) -> Console:

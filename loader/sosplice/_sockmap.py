@@ -193,7 +193,8 @@ class SockmapSplicer(Splicer):
     def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
                  max_sockets: int = 65536) -> None:
         super().__init__(backlog_cap=backlog_cap)
-        self._prog = adopt_programs(max_sockets)
+        # Loaded already when Splicer(backend="auto") chose this class.
+        self._prog = self.__dict__.pop("_programs", None) or adopt_programs(max_sockets)
         self._max_sockets = max_sockets
         self._byfd: dict[int, SockmapRecord] = {}       # our dup's fd -> record
         self._sleeps_until = 1 << 63   # monotonic ns the controller means to wake by (_run)
