@@ -83,7 +83,7 @@ def test_wheel_installs_into_a_fresh_venv_and_splices(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("loader", "splicectl"):
+    for name in ("loader", "bpf", "splicectl"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "SOSPLICE_BPF_DIR", "SOSPLICE_BACKEND", "PIP_INDEX_URL")}
@@ -110,7 +110,7 @@ def test_wheel_installs_into_a_fresh_venv_and_splices(tmp_path):
     assert got["file"].startswith(str(venv)), got["file"]       # the wheel, not the checkout
     assert got["version"] == sosplice.__version__
     assert got["typed"] is True
-    assert got["bpf_sources"] == sorted(p.name for p in (ROOT / "loader/sosplice/bpf").iterdir())
+    assert got["bpf_sources"] == sorted(p.name for p in (ROOT / "bpf").iterdir())
     # Every backend either spliced every byte or was refused for want of
     # privilege; auto is bpf exactly when bpf loads, else worker with a reason.
     assert got["spliced"]["worker"] == [8 << 20, True], got

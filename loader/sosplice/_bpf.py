@@ -34,13 +34,14 @@ BPF_NOEXIST = 1
 
 
 def bpf_dir() -> Path:
-    """Where the BPF C sources live: $SOSPLICE_BPF_DIR, else the package's
-    own bpf/ directory (package data, so a checkout and an installed wheel
-    find them the same way)."""
+    """Where the BPF C sources live: $SOSPLICE_BPF_DIR, else the installed
+    package's bpf/ (package data), else the checkout's top-level bpf/."""
     env = os.environ.get("SOSPLICE_BPF_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent / "bpf"
+    here = Path(__file__).resolve().parent
+    installed, checkout = here / "bpf", here.parent.parent / "bpf"
+    return installed if (installed / SOURCES[0]).is_file() else checkout
 
 
 def _fail(kind: type[OSError], code: int, message: str, brief: str) -> OSError:
