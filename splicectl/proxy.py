@@ -66,6 +66,8 @@ IDLE_SLICES = 4
 # dups of both for each of the two splices, and (worker) a pipe per splice.
 FDS_PER_CONN = {"bpf": 6, "worker": 10}
 FDS_SPARE = 64   # listeners, the engine's own, stdio, metrics clients
+# Kept free of connections: metrics clients, a reload's new listeners.
+FDS_RESERVE = 16
 # Backlog cap range of sosplice.Splicer (checked here to name the option).
 BACKLOG_CAP_MIN, BACKLOG_CAP_MAX = 1 << 16, 1 << 28
 
@@ -460,6 +462,10 @@ class Proxy:
         self.m = Metrics()
         self.next_id = 1
         self.accept_again = 0.0    # accept paused by EMFILE and the like until then
+        # Connections the fd limit leaves room for (None: no limit), and
+        # whether accepting is paused because they are all open.
+        self.fd_room: int | None = None
+        self.fd_full = False
         self.stopping = 0          # 0 running, 1 draining, 2 hard stop
         self.stop_deadline = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -500,6 +506,7 @@ class Proxy:
                 except OSError as e:    # backend "bpf" asked for and not loadable
                     raise UsageError(f"backend {cfg.backend or 'bpf'}: {e.strerror or e}") from None
             self._check_fd_limit(cfg)
+            self.fd_room = self._fd_room()
             # Only now: building a bpf engine compiles its programs, which
             # takes seconds; a client that came meanwhile would wait.
             for lst in listeners:
@@ -581,6 +588,20 @@ class Proxy:
         raise UsageError(f"--max-conns {n} needs about {need} file descriptors on the {backend} "
                          f"backend, the limit is {hard}: lower --max-conns or raise the "
                          "limit (ulimit -n)")
+
+    def _fd_room(self) -> int | None:
+        """How many connections fit in the fds left under RLIMIT_NOFILE,
+        counting what the process holds now (the engine's included)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        held = len(os.listdir("/proc/self/fd")) - 1   # less listdir's own
+        backend = getattr(self.engine, "backend", "worker")
+        per_conn = FDS_PER_CONN.get(backend, max(FDS_PER_CONN.values()))
+        return max(0, (soft - held - FDS_RESERVE) // per_conn)
+
+    def _fds_for_one_more(self) -> bool:
+        return self.fd_room is None or len(self.conns) < self.fd_room
 
     def metrics_address(self) -> tuple | None:
         return self.metrics_sock.getsockname() if self.metrics_sock else None
@@ -755,8 +776,9 @@ class Proxy:
         lst.accepting = on
 
     def _resume_accepting(self, lst: Listener) -> None:
-        """Accept again unless stopping, paused, or at the listener's max_conns."""
-        if self.stopping or self.accept_again or lst.sock is None:
+        """Accept again unless stopping, paused, out of fds, or at the
+        listener's max_conns."""
+        if self.stopping or self.accept_again or self.fd_full or lst.sock is None:
             return
         if not lst.conf.max_conns or self.live.get(lst.name, 0) < lst.conf.max_conns:
             self._set_accepting(lst, True)
@@ -773,6 +795,9 @@ class Proxy:
         for _ in range(64):
             if lst.conf.max_conns and self.live.get(lst.name, 0) >= lst.conf.max_conns:
                 self._set_accepting(lst, False)
+                return
+            if not self._fds_for_one_more():
+                self._fds_exhausted()
                 return
             try:
                 s, peer = lst.sock.accept()
@@ -796,6 +821,19 @@ class Proxy:
             self.m.connections_total[c.listener] = self.m.connections_total.get(c.listener, 0) + 1
             log.debug("conn %d from %s on %s", c.id, fmt_addr(peer), c.listener)
             self._try_connect(c)
+
+    def _fds_exhausted(self) -> None:
+        """Stop accepting until a connection closes, as HAProxy does at
+        maxconn: a connection accepted now could get no upstream socket or
+        splice (EMFILE) and would have to be cut, while one left in the
+        listen backlog waits and is served later. Logged once per episode."""
+        if not self.fd_full:
+            self.fd_full = True
+            log.warning("file descriptors: %d connections fill the limit (RLIMIT_NOFILE %d); "
+                        "new ones wait in the listen backlog until one closes",
+                        len(self.conns), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        for lst in self.listeners.values():
+            self._set_accepting(lst, False)
 
     def _try_connect(self, c: Conn) -> None:
         addrs = c.via.upstream_addrs
@@ -1014,6 +1052,12 @@ class Proxy:
             else:
                 s.close()
         self.live[c.listener] -= 1
+        if self.fd_full and self._fds_for_one_more():
+            self.fd_full = False
+            log.warning("file descriptors free again: accepting")
+            for lst in self.listeners.values():
+                self._resume_accepting(lst)
+            return
         lst = self.listeners.get(c.via.conf.bind)
         if lst is not None:
             self._resume_accepting(lst)
