@@ -20,9 +20,10 @@ splicectl), so the later phases run with up to 2N recent records around.
 No byte flows: this is the cost of the calls themselves. A phase stops
 early after CAP_SECONDS (default 60); the next phase then works on the
 pairs the previous one reached, and "n" in each phase says how many calls
-were timed. Prints one JSON
-line. The engine's start-up time (BPF compile and load on bpf) is reported
-separately.
+were timed. Prints one JSON line; `cpu_us` is the process's CPU time
+per call, every thread included, and `switches` its voluntary context
+switches in the phase. The engine's start-up time (BPF compile
+and load on bpf) is reported separately.
 """
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ import sosplice  # noqa: E402
 def pct(samples: list[int], p: float) -> float:
     s = sorted(samples)
     return s[min(len(s) - 1, int(p / 100 * len(s)))] / 1000.0 if s else 0.0
+
+
+def process_cpu() -> tuple[float, int]:
+    """CPU seconds of this process, every thread (the engine's controller
+    or workers work for each call too, which the call's wall time hides),
+    and its voluntary context switches (a thread waking another)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_nvcsw
 
 
 def main() -> None:
@@ -80,6 +89,7 @@ def main() -> None:
     try:
         def phase(name: str, fn, k: int) -> int:
             lat: list[int] = []
+            cpu0 = process_cpu()
             t0 = time.monotonic()
             end = t0 + cap
             done = 0
@@ -91,8 +101,12 @@ def main() -> None:
                 if time.monotonic() > end:
                     break
             dt = time.monotonic() - t0
+            cpu1 = process_cpu()
+            cpu, switches = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
             eng.reap()
-            out[name] = {"per_s": done / dt, "n": done, "seconds": dt, "p50_us": pct(lat, 50),
+            out[name] = {"per_s": done / dt, "n": done, "seconds": dt,
+                         "cpu_us": cpu / done * 1e6 if done else 0.0, "switches": switches,
+                         "p50_us": pct(lat, 50),
                          "p99_us": pct(lat, 99), "max_us": max(lat) / 1000.0 if lat else 0.0}
             return done
 

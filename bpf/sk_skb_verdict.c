@@ -13,7 +13,7 @@
  *     limit and the memory bound both come from this one comparison.
  * Passed bytes stay in the source's receive queue, charged to its receive
  * buffer, so a stalled drain slows the source's peer through TCP flow
- * control (KERNEL-NOTES 5, 6).
+ * control (docs/kernel-notes.md K5, K6).
  *
  * Verdicts on one socket run one at a time (under the socket lock, from
  * its data_ready path), so the counters of a splice have one writer.
@@ -41,7 +41,7 @@ int sk_skb_verdict(struct __sk_buff *skb)
 
 	/* A pure FIN arrives as a zero-length skb, and no program may let it
 	 * reach a psock backlog: redirected, it makes the drain's backlog fail
-	 * with EPIPE and drop everything after it (KERNEL-NOTES 12); passed
+	 * with EPIPE and drop everything after it (docs/kernel-notes.md K12); passed
 	 * while this socket's own backlog is not empty (it is also the drain
 	 * of the other direction), it is queued behind that backlog and does
 	 * the same to it. Dropping it loses nothing: TCP has already taken the

@@ -48,7 +48,7 @@ struct splice_event {
 
 /* Sources carry the verdict program; drains are only redirect targets and
  * carry none, so a drain's own incoming bytes take TCP's normal path and it
- * can leave its map without losing anything (KERNEL-NOTES 7 and 13). */
+ * can leave its map without losing anything (docs/kernel-notes.md K7, K13). */
 BPF_SOCKHASH(sources, __u64, SOSPLICE_MAX_SOCKETS);
 BPF_SOCKHASH(drains, __u64, SOSPLICE_MAX_SOCKETS);
 /* Source cookie -> slot. Only inserted and deleted, never replaced, so the

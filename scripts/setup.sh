@@ -5,7 +5,7 @@
 #  1. Debian packages: bcc (python3-bpfcc), prometheus_client (for the
 #     proxy's metrics), kernel headers for bcc, and the
 #     peers used by tests and benchmarks.
-#  2. Kernel headers where the running kernel ships none (KERNEL-NOTES):
+#  2. Kernel headers where the running kernel ships none (docs/kernel-notes.md):
 #     bcc wants /lib/modules/$(uname -r)/{build,source}; Debian's generic
 #     linux-headers-amd64 works for UAPI-only BPF code, which is all we write.
 #  3. A virtualenv made from Debian's python3 with system site-packages, so

@@ -15,6 +15,8 @@ examples:
   splicectl proxy 127.0.0.1:8080 127.0.0.1:9000 127.0.0.1:9001
       proxy port 8080 to two upstreams, round robin
   splicectl proxy [::]:8443 [::1]:443 --idle 300 --max-conns 1000 --metrics 127.0.0.1:9100
+  splicectl proxy --config /etc/splicectl/proxy.toml
+      every listener of the file; SIGHUP reloads it
   splicectl ls                 every splice on this host, one table
   splicectl ls --json          the same as a JSON list
   splicectl top 0.5 --sort rate    refresh every 0.5 s, busiest first; q quits
@@ -23,7 +25,33 @@ examples:
 
 PROXY_DESCRIPTION = """\
 Accept on LISTEN, connect to an UPSTREAM (round robin) and splice both
-ways in the kernel.
+ways in the kernel. Or, with --config FILE, do that for every [[listen]]
+table of a TOML file, in one process with one engine:
+
+  backend = "auto"              # optional, as --backend
+  backlog_cap = "4M"            # optional, as --backlog-cap
+  metrics = "127.0.0.1:9100"    # optional, as --metrics
+  grace = 5                     # optional, as --grace
+  connect_timeout = 3           # optional, as --connect-timeout
+
+  [[listen]]
+  bind = "0.0.0.0:8080"                        # required, as LISTEN
+  upstreams = ["10.0.0.1:80", "10.0.0.2:80"]   # required, as UPSTREAM...
+  idle = 300                    # optional, as --idle
+  max_conns = 1000              # optional, as --max-conns
+  send_proxy = "v2"             # optional: PROXY protocol header, v1 or v2
+
+A bad file is refused with one line (FILE:LINE: KEY: ...) before any port
+is bound. SIGHUP reads the file again: new listeners start, removed ones
+stop accepting, live connections go on untouched; a bad file keeps the
+running configuration (logged as an error). backend, backlog_cap and
+metrics change on restart only.
+
+send_proxy writes HAProxy's PROXY protocol header (v1 text, v2 binary)
+with the client's address to the upstream before the first byte.
+
+The first line printed says where the proxy listens and which backend it
+runs on, and why if auto could not have bpf.
 
 How a connection ends: a FIN from either side is passed on as a FIN, and
 the other direction goes on. Anything else resets both sides, never a
@@ -135,24 +163,9 @@ def _count(text: str) -> int:
     return v
 
 
-def _size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B")
-    mult = 1
-    for suf, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if t.endswith(suf):
-            t, mult = t[:-1], m
-            break
-    try:
-        v = float(t) * mult
-    except ValueError:
-        v = math.nan
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 4M)")
-    return int(v)
-
-
 def _backlog_cap(text: str) -> int:
-    return _proxy.check_backlog_cap(_size(text))
+    from .config import parse_size
+    return _proxy.check_backlog_cap(parse_size(text))
 
 
 def _addr(*, listen: bool):
@@ -160,27 +173,45 @@ def _addr(*, listen: bool):
     return _checked(lambda text: _proxy.parse_addr(text, listen=listen))
 
 
+class _Version(argparse.Action):
+    """--version: imports sosplice only when asked (ls/top start faster)."""
+
+    def __init__(self, option_strings, dest, **kw) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import sosplice
+        print(f"splicectl {sosplice.__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="splicectl", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     px = sub.add_parser("proxy", help="TCP proxy that splices in the kernel",
                         description=PROXY_DESCRIPTION,
                         epilog="example: splicectl proxy 127.0.0.1:8080 127.0.0.1:9000 [::1]:9001",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    px.add_argument("listen", metavar="LISTEN", type=_addr(listen=True),
+    px.add_argument("listen", metavar="LISTEN", type=_addr(listen=True), nargs="?",
                     help="address to accept on, e.g. 127.0.0.1:8080 or [::1]:8080")
-    px.add_argument("upstream", metavar="UPSTREAM", nargs="+", type=_addr(listen=False),
+    px.add_argument("upstream", metavar="UPSTREAM", nargs="*", type=_addr(listen=False),
                     help="upstream address(es)")
-    px.add_argument("--connect-timeout", type=_seconds(), default=3.0, metavar="S",
+    px.add_argument("--config", metavar="FILE", default=None,
+                    help="a TOML file of [[listen]] tables (above) instead of LISTEN, "
+                         "UPSTREAM and the options that set what it sets")
+    px.add_argument("--check", action="store_true",
+                    help="with --config: check the file (values, host names), say so and exit")
+    px.add_argument("--connect-timeout", type=_seconds(), default=None, metavar="S",
                     help="upstream connect timeout in seconds (default 3)")
     px.add_argument("--idle", type=_seconds(), default=None, metavar="S",
                     help="reset a connection in which neither direction has moved a byte "
                          "for S seconds (as socat -T, HAProxy's timeout tunnel); it fires "
                          "S to 1.25*S after the last byte. One quiet direction never ends "
                          "it (default: no timeout)")
-    px.add_argument("--max-conns", type=_count, default=0, metavar="N",
+    px.add_argument("--max-conns", type=_count, default=None, metavar="N",
                     help="stop accepting beyond N live connections (0 = no limit); the fd "
                          "limit is raised to fit N, up to its hard limit")
     px.add_argument("--backlog-cap", type=_checked(_backlog_cap), default=None, metavar="BYTES",
@@ -189,14 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--metrics", metavar="HOST:PORT", default=None, type=_addr(listen=True),
                     help="serve Prometheus metrics over HTTP here (docs/observing.md lists "
                          "them)")
-    px.add_argument("--grace", type=_seconds(zero_ok=True), default=5.0, metavar="S",
+    px.add_argument("--grace", type=_seconds(zero_ok=True), default=None, metavar="S",
                     help="on SIGINT/SIGTERM stop accepting and let connections finish for S "
                          "seconds, then reset those still open (default 5; 0: at once)")
     px.add_argument("--no-check", action="store_true",
                     help="do not check that every upstream is reachable at start")
     px.add_argument("--backend", choices=["bpf", "worker", "auto"], default=None,
-                    help="bpf (eBPF sockmap, needs root), worker (splice(2) threads, any user) "
-                         "or auto (bpf where allowed); default $SOSPLICE_BACKEND or auto")
+                    help="bpf (eBPF sockmap, needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN), worker "
+                         "(splice(2) threads, any user) or auto (bpf if it loads, else worker); "
+                         "default $SOSPLICE_BACKEND or auto")
     px.add_argument("--log-level", default="info",
                     choices=["debug", "info", "warning", "error"],
                     help="info (the default) writes one line per connection when it ends "

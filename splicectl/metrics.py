@@ -18,7 +18,6 @@ passed on), or in one of `sosplice_client_aborts_total`,
 """
 from __future__ import annotations
 
-from importlib import metadata
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
@@ -42,12 +41,9 @@ Live = Callable[[], tuple[int, dict[str, int], dict[str, int]]]
 
 
 def version() -> str:
-    """The installed sosplice version, or "unknown" when run from a source
-    tree that was never installed."""
-    try:
-        return metadata.version("sosplice")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    """The sosplice version, as `splicectl --version` prints it."""
+    import sosplice
+    return sosplice.__version__
 
 
 class _LiveCollector:

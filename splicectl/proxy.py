@@ -1,9 +1,16 @@
 """`splicectl proxy`: a TCP proxy whose bytes never enter user space.
 
-One thread, one `selectors` loop, one `sosplice.Splicer`. The loop
-accepts, connects to an upstream (round robin, non-blocking, with a
-timeout, trying the next upstream on failure), splices both ways and then
-only learns of the end of each direction through `Splicer.fileno()`.
+One thread, one `selectors` loop, one `sosplice.Splicer`, any number of
+listeners (one per `[[listen]]` of a config file, or the command line's
+one). The loop accepts, connects to one of the listener's upstreams (round
+robin, non-blocking, with a timeout, trying the next upstream on failure),
+writes a PROXY protocol header if the listener asks for one, splices both
+ways and then only learns of the end of each direction through
+`Splicer.fileno()`.
+
+`reload()` (SIGHUP) applies a new `Config`: listeners that are new start,
+those that are gone stop accepting; a connection keeps the listener
+settings it was accepted under and is never touched by a reload.
 
 How a connection ends (the contract; docs: README, `splicectl proxy --help`):
 
@@ -34,8 +41,10 @@ import selectors
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
+
+from . import proxyproto
 
 log = logging.getLogger("splicectl.proxy")
 
@@ -57,6 +66,8 @@ IDLE_SLICES = 4
 # dups of both for each of the two splices, and (worker) a pipe per splice.
 FDS_PER_CONN = {"bpf": 6, "worker": 10}
 FDS_SPARE = 64   # listeners, the engine's own, stdio, metrics clients
+# Kept free of connections: metrics clients, a reload's new listeners.
+FDS_RESERVE = 16
 # Backlog cap range of sosplice.Splicer (checked here to name the option).
 BACKLOG_CAP_MIN, BACKLOG_CAP_MAX = 1 << 16, 1 << 28
 
@@ -310,6 +321,8 @@ class Conn:
     id: int
     client: socket.socket
     peer: tuple
+    via: Listener              # the listener that accepted it, as it was then
+    listener: str = ""         # its address, "HOST:PORT" (labels: ls/top, metrics)
     upstream: socket.socket | None = None
     up_index: int = 0          # upstream being tried
     tries: int = 0             # upstreams tried so far
@@ -323,9 +336,7 @@ class Conn:
     seen: int = 0
     quiet_since: float = 0.0
     look_at: float = 0.0
-    # What its log line and metrics tell (see _log_end). listener: the
-    # listening address it came in by, "HOST:PORT".
-    listener: str = ""
+    # What its log line and metrics tell (see _log_end).
     accepted: float = 0.0      # monotonic
     connect_started: float = 0.0
     connect_secs: float | None = None
@@ -336,8 +347,36 @@ class Conn:
     logged: bool = False
 
 
+@dataclass(frozen=True)
+class ListenConfig:
+    """One listener: a `[[listen]]` table, or the command line's LISTEN."""
+    bind: tuple[str, int]
+    upstreams: tuple[tuple[str, int], ...]
+    idle: float | None = None      # --idle: seconds without a byte either way
+    max_conns: int = 0             # 0: no limit
+    send_proxy: str | None = None  # "v1", "v2": PROXY protocol header to the upstream
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `Proxy` runs: its listeners and the process-wide settings.
+
+    splicectl.config builds one from a file and checks every value; a
+    reload replaces it whole. `backend`, `backlog_cap` and `metrics` are
+    the engine's and the process's: a reload keeps the running ones.
+    """
+    listeners: tuple[ListenConfig, ...]
+    connect_timeout: float = 3.0
+    backlog_cap: int | None = None
+    metrics: tuple[str, int] | None = None
+    grace: float = 5.0
+    check_upstreams: bool = True
+    backend: str | None = None     # None: $SOSPLICE_BACKEND, else "auto"
+
+
 @dataclass
 class Options:
+    """The command line's one listener (and what demo builds)."""
     listen: tuple[str, int]
     upstreams: list[tuple[str, int]]
     connect_timeout: float = 3.0
@@ -349,6 +388,32 @@ class Options:
     check_upstreams: bool = True
     backend: str | None = None     # None: $SOSPLICE_BACKEND, else "auto"
 
+    def config(self) -> Config:
+        check_options(self)
+        return Config(
+            listeners=(ListenConfig(self.listen, tuple(self.upstreams), self.idle, self.max_conns),),
+            connect_timeout=self.connect_timeout, backlog_cap=self.backlog_cap,
+            metrics=self.metrics, grace=self.grace, check_upstreams=self.check_upstreams,
+            backend=self.backend)
+
+
+class Listener:
+    """A listening socket and what its connections are routed by.
+
+    A reload that changes a listener's settings makes a new Listener on
+    the same socket; the connections of the old one keep it (and its
+    upstreams, --idle, send_proxy) until they end.
+    """
+
+    def __init__(self, conf: ListenConfig, sock: socket.socket,
+                 upstream_addrs: list[tuple[int, tuple]]) -> None:
+        self.conf = conf
+        self.sock: socket.socket | None = sock
+        self.upstream_addrs = upstream_addrs
+        self.name = fmt_addr(sock.getsockname())
+        self.rr = 0                # round robin over upstream_addrs
+        self.accepting = False     # registered with the selector
+
 
 class Proxy:
     """The loop. Create, `start()` (binds; may raise UsageError), `run()`.
@@ -356,15 +421,22 @@ class Proxy:
     `stop()` may be called from any thread or a signal handler: the first
     call stops accepting and lets connections finish for `grace` seconds,
     then resets those still open; a second call resets them at once.
+    `reload()` may be too: the loop then calls `reloader` (which returns
+    the new Config, or raises UsageError to keep the old one) and applies
+    its result (see `_apply`).
     """
 
-    def __init__(self, opts: Options, *, engine_factory: Callable | None = None,
-                 on_ready: Callable[[tuple], None] | None = None) -> None:
+    def __init__(self, opts: Options | Config, *, engine_factory: Callable | None = None,
+                 on_ready: Callable[[tuple], None] | None = None,
+                 reloader: Callable[[], Config] | None = None) -> None:
         self.opts = opts
+        self.cfg: Config | None = None   # set by start(), replaced by reloads
         self.engine_factory = engine_factory
         self.on_ready = on_ready
+        self.reloader = reloader
         self.sel = selectors.DefaultSelector()
-        self.listener: socket.socket | None = None
+        self.listeners: dict[tuple[str, int], Listener] = {}   # by ListenConfig.bind
+        self.live: dict[str, int] = {}   # live connections by listener name (max_conns)
         self.metrics_sock: socket.socket | None = None
         self.engine = None
         self.conns: dict[int, Conn] = {}
@@ -378,30 +450,31 @@ class Proxy:
         self.splices: dict[object, tuple[Conn, str]] = {}
         from .metrics import Metrics   # prometheus_client: not for ls/top
         self.m = Metrics(self._live_counts)
-        self.listen_name = ""
-        self.rr = 0
         self.next_id = 1
-        self.accepting = False
         self.accept_again = 0.0    # accept paused by EMFILE and the like until then
+        # Connections the fd limit leaves room for (None: no limit), and
+        # whether accepting is paused because they are all open.
+        self.fd_room: int | None = None
+        self.fd_full = False
         self.stopping = 0          # 0 running, 1 draining, 2 hard stop
         self.stop_deadline = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.upstream_addrs: list[tuple[int, tuple]] = []
         self.address: tuple | None = None
 
     # -- setup ---------------------------------------------------------------
 
     def start(self) -> tuple:
-        o = self.opts
-        check_options(o)
-        self.upstream_addrs = [resolve(h, p, "UPSTREAM") for h, p in o.upstreams]
-        if o.check_upstreams:
-            for (h, p), (fam, sa) in zip(o.upstreams, self.upstream_addrs):
+        """Check, bind, build the engine, listen; return the first
+        listener's address. Raises UsageError (nothing is left bound)."""
+        cfg = self.opts.config() if isinstance(self.opts, Options) else self.opts
+        if cfg.check_upstreams:
+            for h, p in dict.fromkeys(u for lc in cfg.listeners for u in lc.upstreams):
+                fam, sa = resolve(h, p, "UPSTREAM")
                 try:
                     s = socket.socket(fam, socket.SOCK_STREAM)
-                    s.settimeout(o.connect_timeout)
+                    s.settimeout(cfg.connect_timeout)
                     try:
                         s.connect(sa)
                     finally:
@@ -409,31 +482,30 @@ class Proxy:
                 except OSError as e:
                     why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
                     raise UsageError(f"upstream {fmt_addr((h, p))} is unreachable: {why}") from None
-        self.listener = _bound(o.listen, "listen", "LISTEN")
+        listeners = self._bind_all(cfg.listeners)
         try:
-            for (h, p), (fam, sa) in zip(o.upstreams, self.upstream_addrs):
-                if _loops_back(self.listener, fam, sa):
-                    raise UsageError(f"upstream {fmt_addr((h, p))} is this proxy's own LISTEN "
-                                     "address: every connection would loop back into it")
-            if o.metrics:
-                self.metrics_sock = _bound(o.metrics, "listen for metrics", "--metrics")
+            if cfg.metrics:
+                self.metrics_sock = _bound(cfg.metrics, "listen for metrics", "--metrics")
             if self.engine_factory is not None:
                 self.engine = self.engine_factory()
             else:
                 import sosplice
-                kw = {} if o.backlog_cap is None else {"backlog_cap": o.backlog_cap}
-                self.engine = sosplice.Splicer(backend=o.backend, **kw)
-            self._check_fd_limit()
+                kw = {} if cfg.backlog_cap is None else {"backlog_cap": cfg.backlog_cap}
+                try:
+                    self.engine = sosplice.Splicer(backend=cfg.backend, **kw)
+                except OSError as e:    # backend "bpf" asked for and not loadable
+                    raise UsageError(f"backend {cfg.backend or 'bpf'}: {e.strerror or e}") from None
+            self._check_fd_limit(cfg)
+            self.fd_room = self._fd_room()
             # Only now: building a bpf engine compiles its programs, which
             # takes seconds; a client that came meanwhile would wait.
-            for s, backlog, arg in ((self.listener, 1024, o.listen), (self.metrics_sock, 64, o.metrics)):
-                if s is not None:
-                    try:
-                        s.listen(backlog)
-                    except OSError as e:
-                        raise UsageError(f"cannot listen on {fmt_addr(arg)}: {e.strerror}") from None
+            for lst in listeners:
+                self._listen(lst.sock, 1024, lst.conf.bind)
+            if self.metrics_sock is not None:
+                self._listen(self.metrics_sock, 64, cfg.metrics)
         except BaseException:
-            self._close_listener()
+            for lst in listeners:
+                lst.sock.close()
             if self.metrics_sock:
                 self.metrics_sock.close()
                 self.metrics_sock = None
@@ -441,25 +513,61 @@ class Proxy:
                 self.engine.close()
                 self.engine = None
             raise
+        self.cfg = cfg
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self.sel.register(self.engine.fileno(), selectors.EVENT_READ, ("engine", None))
         if self.metrics_sock:
             self.sel.register(self.metrics_sock, selectors.EVENT_READ, ("metrics", None))
-        self._set_accepting(True)
-        self.address = self.listener.getsockname()
-        self.listen_name = fmt_addr(self.address)
+        for lst in listeners:
+            self.listeners[lst.conf.bind] = lst
+            self._set_accepting(lst, True)
+        self.address = listeners[0].sock.getsockname()
         self.m.set_backend(self.engine.backend)
         return self.address
 
-    def _check_fd_limit(self) -> None:
-        """--max-conns connections fit in the fd limit (raised if need be).
+    def _bind_all(self, confs: tuple[ListenConfig, ...],
+                  have: dict[tuple[str, int], Listener] | None = None) -> list[Listener]:
+        """A Listener per conf, bound (not listening): on the socket of
+        `have`'s listener of the same bind, else on a new one. Resolves
+        every upstream and refuses one that loops back into its listener.
+        Raises UsageError with nothing new left bound."""
+        made: list[Listener] = []
+        try:
+            for lc in confs:
+                addrs = [resolve(h, p, "UPSTREAM") for h, p in lc.upstreams]
+                old = (have or {}).get(lc.bind)
+                sock = old.sock if old is not None else _bound(lc.bind, "listen", "LISTEN")
+                lst = Listener(lc, sock, addrs)
+                made.append(lst)
+                for (h, p), (fam, sa) in zip(lc.upstreams, addrs):
+                    if _loops_back(sock, fam, sa):
+                        raise UsageError(f"upstream {fmt_addr((h, p))} is the listener "
+                                         f"{fmt_addr(lc.bind)} itself: every connection "
+                                         "would loop back into it")
+        except BaseException:
+            for lst in made:
+                if have is None or lst.conf.bind not in have:
+                    lst.sock.close()
+            raise
+        return made
+
+    @staticmethod
+    def _listen(s: socket.socket, backlog: int, arg: tuple) -> None:
+        try:
+            s.listen(backlog)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {fmt_addr(arg)}: {e.strerror}") from None
+
+    def _check_fd_limit(self, cfg: Config) -> None:
+        """Every listener's max_conns fits in the fd limit (raised if need be).
 
         Beyond it, accept() and socket() fail with EMFILE on every try, so
         every connection over the limit would be refused at once.
         """
-        n = self.opts.max_conns
-        if not n:
+        limits = [lc.max_conns for lc in cfg.listeners]
+        if not all(limits):
             return
+        n = sum(limits)
         backend = getattr(self.engine, "backend", "worker")
         need = n * FDS_PER_CONN.get(backend, max(FDS_PER_CONN.values())) + FDS_SPARE
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -472,13 +580,46 @@ class Proxy:
                          f"backend, the limit is {hard}: lower --max-conns or raise the "
                          "limit (ulimit -n)")
 
+    def _fd_room(self) -> int | None:
+        """How many connections fit in the fds left under RLIMIT_NOFILE,
+        counting what the process holds now (the engine's included)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        held = len(os.listdir("/proc/self/fd")) - 1   # less listdir's own
+        backend = getattr(self.engine, "backend", "worker")
+        per_conn = FDS_PER_CONN.get(backend, max(FDS_PER_CONN.values()))
+        return max(0, (soft - held - FDS_RESERVE) // per_conn)
+
+    def _fds_for_one_more(self) -> bool:
+        return self.fd_room is None or len(self.conns) < self.fd_room
+
     def metrics_address(self) -> tuple | None:
         return self.metrics_sock.getsockname() if self.metrics_sock else None
 
+    def backend_text(self) -> str:
+        """"bpf", or "worker (bpf: EPERM, needs CAP_BPF)" when auto fell back."""
+        why = getattr(self.engine, "fallback", "")
+        return self.engine.backend + (f" ({why})" if why else "")
+
+    def describe(self) -> str:
+        """The listeners, as the first line says them:
+        "127.0.0.1:8080 -> 10.0.0.1:80, 10.0.0.2:80; [::]:8443 -> ..."."""
+        return "; ".join(f"{lst.name} -> " + ", ".join(fmt_addr(u) for u in lst.conf.upstreams)
+                         + (f" (send_proxy {lst.conf.send_proxy})" if lst.conf.send_proxy else "")
+                         for lst in self.listeners.values())
+
     def stop(self) -> None:
         """Thread- and signal-safe."""
+        self._wake(b"s")
+
+    def reload(self) -> None:
+        """Thread- and signal-safe: the loop calls `reloader` and applies it."""
+        self._wake(b"h")
+
+    def _wake(self, what: bytes) -> None:
         try:
-            self._wake_w.send(b"s")
+            self._wake_w.send(what)
         except OSError:
             pass
 
@@ -500,7 +641,7 @@ class Proxy:
                 for key, ev in self.sel.select(self._timeout()):
                     kind, obj = key.data
                     if kind == "listen":
-                        self._accept()
+                        self._accept(obj)
                     elif kind == "engine":
                         self._reap()
                     elif kind == "connect":
@@ -516,7 +657,8 @@ class Proxy:
                 self._check_idle(now)
                 if self.accept_again and now >= self.accept_again:
                     self.accept_again = 0.0
-                    self._resume_accepting()
+                    for lst in self.listeners.values():
+                        self._resume_accepting(lst)
         finally:
             self._shutdown()
         return 0
@@ -536,70 +678,158 @@ class Proxy:
 
     def _on_wake(self) -> None:
         try:
-            n = len(self._wake_r.recv(64))
+            got = self._wake_r.recv(64)
         except BlockingIOError:
             return
-        for _ in range(n):
+        if b"h" in got and not self.stopping:
+            self._reload()
+        for _ in range(got.count(b"s")):
             self.stopping += 1
             if self.stopping == 1:
-                log.info("stopping: no new connections, %d live, grace %.1f s", len(self.conns), self.opts.grace)
-                self.stop_deadline = time.monotonic() + self.opts.grace
-                self._set_accepting(False)
-                self._close_listener()
+                log.info("stopping: no new connections, %d live, grace %.1f s", len(self.conns), self.cfg.grace)
+                self.stop_deadline = time.monotonic() + self.cfg.grace
+                for lst in list(self.listeners.values()):
+                    self._close_listener(lst)
+                self.listeners.clear()
             else:
                 self.stop_deadline = time.monotonic()
 
-    def _set_accepting(self, on: bool) -> None:
-        if self.listener is None or on == self.accepting:
+    # -- reload ----------------------------------------------------------------
+
+    def _reload(self) -> None:
+        if self.reloader is None:
+            log.warning("reload asked for, but there is no config file to read (--config)")
+            return
+        try:
+            cfg = self.reloader()
+            self._apply(cfg)
+        except UsageError as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+            return
+        log.warning("reloaded: %s", self.describe())
+
+    def _apply(self, cfg: Config) -> None:
+        """Run `cfg` from now on, all of it or (UsageError) none of it.
+
+        New listeners are bound and listening before any old one stops,
+        so a failure (a port in use) changes nothing. A listener whose
+        settings are unchanged stays as it is; a changed one keeps its
+        socket (and its backlog of clients) under a new Listener; a
+        removed one is closed: clients already accepted are connections
+        like any other, those still in its backlog are refused by the
+        kernel (a reset), as a restart would. Live connections are not
+        looked at: each keeps the Listener it was accepted by.
+        """
+        old = self.cfg
+        for key in ("backend", "backlog_cap", "metrics"):
+            if getattr(cfg, key) != getattr(old, key):
+                log.warning("reload: %s changed from %r to %r; it takes effect on restart only",
+                            key, getattr(old, key), getattr(cfg, key))
+        keep = {lc.bind: self.listeners[lc.bind] for lc in cfg.listeners
+                if lc.bind in self.listeners and self.listeners[lc.bind].conf == lc}
+        made = self._bind_all(tuple(lc for lc in cfg.listeners if lc.bind not in keep),
+                              have=self.listeners)
+        try:
+            for lst in made:
+                if lst.conf.bind not in self.listeners:
+                    self._listen(lst.sock, 1024, lst.conf.bind)
+        except BaseException:
+            for lst in made:
+                if lst.conf.bind not in self.listeners:
+                    lst.sock.close()
+            raise
+        self.cfg = replace(cfg, backend=old.backend, backlog_cap=old.backlog_cap, metrics=old.metrics)
+        try:
+            self._check_fd_limit(self.cfg)
+        except UsageError as e:
+            log.warning("reload: %s", e)
+        current = {**keep, **{lst.conf.bind: lst for lst in made}}
+        for bind, lst in self.listeners.items():
+            if bind not in current:
+                log.info("listener %s removed: no new connections on it", lst.name)
+                self._close_listener(lst)
+            elif current[bind] is not lst:
+                self._set_accepting(lst, False)   # its socket goes on, under the new one
+                lst.sock = None
+        self.listeners = {lc.bind: current[lc.bind] for lc in cfg.listeners}
+        for lst in self.listeners.values():
+            self._resume_accepting(lst)
+
+    # -- accepting ---------------------------------------------------------------
+
+    def _set_accepting(self, lst: Listener, on: bool) -> None:
+        if lst.sock is None or on == lst.accepting:
             return
         if on:
-            self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
+            self.sel.register(lst.sock, selectors.EVENT_READ, ("listen", lst))
         else:
-            self.sel.unregister(self.listener)
-        self.accepting = on
+            self.sel.unregister(lst.sock)
+        lst.accepting = on
 
-    def _resume_accepting(self) -> None:
-        """Accept again unless stopping, paused, or at --max-conns."""
-        if self.stopping or self.accept_again or self.listener is None:
+    def _resume_accepting(self, lst: Listener) -> None:
+        """Accept again unless stopping, paused, out of fds, or at the
+        listener's max_conns."""
+        if self.stopping or self.accept_again or self.fd_full or lst.sock is None:
             return
-        if not self.opts.max_conns or len(self.conns) < self.opts.max_conns:
-            self._set_accepting(True)
+        if not lst.conf.max_conns or self.live.get(lst.name, 0) < lst.conf.max_conns:
+            self._set_accepting(lst, True)
 
-    def _close_listener(self) -> None:
-        if self.listener is not None:
-            self._set_accepting(False)
-            self.listener.close()
-            self.listener = None
+    def _close_listener(self, lst: Listener) -> None:
+        if lst.sock is not None:
+            self._set_accepting(lst, False)
+            lst.sock.close()
+            lst.sock = None
 
-    def _accept(self) -> None:
+    def _accept(self, lst: Listener) -> None:
+        if lst.sock is None:   # closed by a reload or a stop in this same round
+            return
         for _ in range(64):
-            if self.opts.max_conns and len(self.conns) >= self.opts.max_conns:
-                self._set_accepting(False)
+            if lst.conf.max_conns and self.live.get(lst.name, 0) >= lst.conf.max_conns:
+                self._set_accepting(lst, False)
+                return
+            if not self._fds_for_one_more():
+                self._fds_exhausted()
                 return
             try:
-                s, peer = self.listener.accept()
+                s, peer = lst.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 # EMFILE and friends: the connection stays queued and the
                 # listener readable, so pause rather than spin on it.
                 log.error("accept: %s; pausing accept for 0.5 s", e)
-                self._set_accepting(False)
+                for other in self.listeners.values():
+                    self._set_accepting(other, False)
                 self.accept_again = time.monotonic() + 0.5
                 return
             s.setblocking(False)
-            c = Conn(self.next_id, s, peer, up_index=self.rr % len(self.upstream_addrs),
-                     listener=self.listen_name, accepted=time.monotonic())
+            c = Conn(self.next_id, s, peer, lst, lst.name,
+                     up_index=lst.rr % len(lst.upstream_addrs), accepted=time.monotonic())
             self.next_id += 1
-            self.rr += 1
+            lst.rr += 1
             self.conns[c.id] = c
+            self.live[c.listener] = self.live.get(c.listener, 0) + 1
             self.m.connections.labels(c.listener).inc()
-            log.debug("conn %d from %s", c.id, fmt_addr(peer))
+            log.debug("conn %d from %s on %s", c.id, fmt_addr(peer), c.listener)
             self._try_connect(c)
 
+    def _fds_exhausted(self) -> None:
+        """Stop accepting until a connection closes, as HAProxy does at
+        maxconn: a connection accepted now could get no upstream socket or
+        splice (EMFILE) and would have to be cut, while one left in the
+        listen backlog waits and is served later. Logged once per episode."""
+        if not self.fd_full:
+            self.fd_full = True
+            log.warning("file descriptors: %d connections fill the limit (RLIMIT_NOFILE %d); "
+                        "new ones wait in the listen backlog until one closes",
+                        len(self.conns), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        for lst in self.listeners.values():
+            self._set_accepting(lst, False)
+
     def _try_connect(self, c: Conn) -> None:
-        while c.tries < len(self.upstream_addrs):
-            fam, sa = self.upstream_addrs[c.up_index]
+        addrs = c.via.upstream_addrs
+        while c.tries < len(addrs):
+            fam, sa = addrs[c.up_index]
             c.tries += 1
             try:
                 u = socket.socket(fam, socket.SOCK_STREAM)
@@ -612,7 +842,7 @@ class Proxy:
             rc = u.connect_ex(sa)
             if rc in (0, errno.EINPROGRESS):
                 c.upstream = u
-                c.deadline = time.monotonic() + self.opts.connect_timeout
+                c.deadline = time.monotonic() + self.cfg.connect_timeout
                 if rc == 0:
                     self._splice(c)
                 else:
@@ -625,10 +855,10 @@ class Proxy:
         self._reset_conn(c, "no upstream", "no_upstream")
 
     def _connect_failed(self, c: Conn, why: str) -> None:
-        name = fmt_addr(self.opts.upstreams[c.up_index])
+        name = fmt_addr(c.via.conf.upstreams[c.up_index])
         self.m.connect_failures.labels(name).inc()
         log.warning("conn %d: upstream %s: %s", c.id, name, why)
-        c.up_index = (c.up_index + 1) % len(self.upstream_addrs)
+        c.up_index = (c.up_index + 1) % len(c.via.upstream_addrs)
 
     def _drop_upstream(self, c: Conn) -> None:
         self.connecting.pop(c.id, None)
@@ -670,13 +900,15 @@ class Proxy:
         c.spliced = True
         c.connect_secs = time.monotonic() - c.connect_started
         self.m.connect_time.observe(c.connect_secs)
-        c.upstream_name = fmt_addr(self.opts.upstreams[c.up_index])
+        c.upstream_name = fmt_addr(c.via.conf.upstreams[c.up_index])
         try:
+            if c.via.conf.send_proxy:
+                self._send_proxy_header(c)
             for src, dst, d in ((c.client, c.upstream, UP), (c.upstream, c.client, DOWN)):
                 # No idle= here: an idle timeout per direction would end a
                 # quiet upload under a streaming download; --idle is kept
                 # per connection (_check_idle).
-                sp = self.engine.splice(src, dst)
+                sp = self.engine.splice(src, dst, label=c.listener)
                 c.splices.append(sp)
                 self.splices[sp] = (c, d)
         except Exception as e:
@@ -691,11 +923,22 @@ class Proxy:
             gone = _END_CLIENT_ABORT if _was_reset(c.client) else "splice_refused"
             self._reset_conn(c, "splice refused", gone)
             return
-        if self.opts.idle is not None:
+        if c.via.conf.idle is not None:
             now = time.monotonic()
             c.quiet_since = now
-            self._arm_idle(c, now + self.opts.idle / IDLE_SLICES)
+            self._arm_idle(c, now + c.via.conf.idle / IDLE_SLICES)
         log.debug("conn %d spliced to %s", c.id, fmt_addr(c.upstream.getpeername()))
+
+    @staticmethod
+    def _send_proxy_header(c: Conn) -> None:
+        """The PROXY protocol header, first on the upstream, before the
+        splice moves a byte of the client's. The connect has just
+        completed: the send buffer is empty and takes the header (at most
+        108 bytes) whole; a short send would corrupt the stream, so it
+        is an error like a refused splice."""
+        hdr = proxyproto.header(c.via.conf.send_proxy, c.peer, c.client.getsockname())
+        if c.upstream.send(hdr) != len(hdr):
+            raise OSError(errno.EAGAIN, "the PROXY protocol header did not fit the send buffer")
 
     # -- --idle: a deadline heap, looked at lazily ----------------------------
 
@@ -719,13 +962,13 @@ class Proxy:
         --idle * (1 + 1/IDLE_SLICES) after the last byte, a busy connection
         costs IDLE_SLICES looks per --idle, and a quiet one two looks.
         """
-        idle = self.opts.idle
         # self.idle_heap, not a local: _arm_idle may replace the list.
         while self.idle_heap and self.idle_heap[0][0] <= now:
             _, cid = heapq.heappop(self.idle_heap)
             c = self.conns.get(cid)
             if c is None or c.closed:
                 continue
+            idle = c.via.conf.idle
             total = sum(sp.bytes for sp in c.splices)
             if total != c.seen:
                 c.seen, c.quiet_since = total, now
@@ -826,7 +1069,16 @@ class Proxy:
                 s.close()
         if not self._pending(c):
             self._log_end(c)
-        self._resume_accepting()
+        self.live[c.listener] -= 1
+        if self.fd_full and self._fds_for_one_more():
+            self.fd_full = False
+            log.warning("file descriptors free again: accepting")
+            for lst in self.listeners.values():
+                self._resume_accepting(lst)
+            return
+        lst = self.listeners.get(c.via.conf.bind)
+        if lst is not None:
+            self._resume_accepting(lst)
 
     def _pending(self, c: Conn) -> bool:
         """Whether a splice of `c` is still to be reaped (its final byte
@@ -913,7 +1165,8 @@ class Proxy:
     def _shutdown(self) -> None:
         for c in list(self.conns.values()):   # only after an exception in the loop
             self._reset_conn(c, "exit", "exit")
-        self._close_listener()
+        for lst in self.listeners.values():
+            self._close_listener(lst)
         for key in list(self.sel.get_map().values()):
             if key.data and key.data[0] == "http":
                 key.fileobj.close()
@@ -934,29 +1187,69 @@ class Proxy:
         self._wake_w.close()
 
 
+# The command line's options that a config file sets instead.
+FILE_SETS = {"idle": "--idle", "max_conns": "--max-conns", "backlog_cap": "--backlog-cap",
+             "metrics": "--metrics", "grace": "--grace", "connect_timeout": "--connect-timeout",
+             "backend": "--backend"}
+
+
+def cli_config(args) -> tuple[Config, str | None]:
+    """The Config the command line asks for, and the file it came from.
+
+    Either LISTEN and UPSTREAM with options, or --config FILE (which sets
+    all of those itself). Raises UsageError, or config.ConfigError.
+    """
+    if args.config is None:
+        if args.check:
+            raise UsageError("--check checks a --config FILE")
+        if args.listen is None or not args.upstream:
+            raise UsageError("LISTEN and at least one UPSTREAM are needed (or --config FILE)")
+        given = {k: getattr(args, k) for k in FILE_SETS if getattr(args, k) is not None}
+        # main's argument types parsed and checked every value;
+        # Options.config() checks them again for callers that build Options.
+        opts = Options(listen=args.listen, upstreams=args.upstream,
+                       check_upstreams=not args.no_check, **given)
+        return opts.config(), None
+    if args.listen is not None:
+        raise UsageError("give LISTEN and UPSTREAM or --config FILE, not both")
+    for key, option in FILE_SETS.items():
+        if getattr(args, key) is not None:
+            raise UsageError(f"{option} is set in the --config file ({key}), not on the "
+                             "command line")
+    from . import config
+    cfg = replace(config.load(args.config), check_upstreams=not args.no_check)
+    return cfg, args.config
+
+
 def run_cli(args) -> int:
     """`splicectl proxy` from parsed arguments. Raises UsageError."""
     import signal
 
-    # main's argument types parsed and checked every value; Proxy.start()
-    # checks them again (check_options) for callers that build Options.
-    opts = Options(
-        listen=args.listen, upstreams=args.upstream,
-        connect_timeout=args.connect_timeout, idle=args.idle, max_conns=args.max_conns,
-        backlog_cap=args.backlog_cap, metrics=args.metrics,
-        grace=args.grace, check_upstreams=not args.no_check, backend=args.backend,
-    )
-    proxy = Proxy(opts)
+    cfg, path = cli_config(args)
+    if args.check:
+        print(f"{path}: ok, {len(cfg.listeners)} listener(s): "
+              + "; ".join(f"{fmt_addr(lc.bind)} -> " + ", ".join(fmt_addr(u) for u in lc.upstreams)
+                          for lc in cfg.listeners))
+        return 0
+    reloader = None
+    if path is not None:
+        from . import config
+        reloader = lambda: replace(config.load(path), check_upstreams=False)  # noqa: E731
+    proxy = Proxy(cfg, reloader=reloader)
+    # Before start(), which can take seconds (bpf compiles): a SIGHUP then
+    # (systemctl reload) is queued for the loop instead of killing us.
+    signal.signal(signal.SIGHUP, lambda *_: proxy.reload())
     try:
-        addr = proxy.start()
+        proxy.start()
     except PermissionError as e:
         raise SystemExit(f"splicectl proxy: {e.strerror or e}")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: proxy.stop())
-    msg = f"listening on {fmt_addr(addr)}"
+    # One line, first: where, and on which backend and why (service logs
+    # and scripts read it; the tests parse the first address).
+    msg = f"listening on {proxy.describe()}"
     if proxy.metrics_address():
         msg += f", metrics on http://{fmt_addr(proxy.metrics_address())}/metrics"
-    msg += " -> " + ", ".join(fmt_addr(u) for u in opts.upstreams)
-    msg += f", backend {proxy.engine.backend}"
+    msg += f", backend {proxy.backend_text()}"
     print(msg, flush=True)
     return proxy.run()

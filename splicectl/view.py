@@ -49,6 +49,7 @@ class Row:
     rate: float            # bytes/s: between two readings, else the average
     rate_measured: bool    # True: from two readings
     backend: str = ""      # the engine's backend: "bpf" or "worker"
+    listener: str = ""     # splicectl proxy: the listener's HOST:PORT (the splice's label)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,7 +132,7 @@ def rows_from_doc(doc: dict, now: float, prev: dict, ftime: float) -> list[tuple
             state=str(s.get("state", "?")), error=err, reason=reason_name(err),
             throttled=bool(s.get("throttled", False)), age=age,
             idle_for=float(s.get("idle_for", 0.0)), rate=rate, rate_measured=measured,
-            backend=str(doc.get("backend", "")),
+            backend=str(doc.get("backend", "")), listener=str(s.get("label") or ""),
         )
         out.append((row, (k, ftime, b)))
     return out
@@ -478,6 +479,9 @@ def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str |
     if history is None:
         segs.append(now)
     head = [_pack(segs, width)]
+    by_listener = listener_totals(pairs)
+    if by_listener:
+        head.append(_pack(by_listener, width))
     if history is not None:
         hist = list(history)
         peak = max((v for t, v in hist if snap.time - t < SPARK_SPAN), default=0.0)
@@ -545,6 +549,24 @@ def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str |
     for i in range(len(shown)):
         t.add_row(*(c[i] for _, _, c in cols))
     return Group(*head, t, foot)
+
+
+def listener_totals(pairs: Iterable[Pair]) -> list[Text]:
+    """["listeners: 127.0.0.1:8080 4 live 1.5MB", "[::]:8443 0 live 10.0MB"]:
+    live connections and bytes moved per proxy listener, one header
+    segment each; [] when no splice has a listener (its label)."""
+    live: dict[str, int] = {}
+    moved: dict[str, int] = {}
+    for p in pairs:
+        name = next((r.listener for r in p.rows if r.listener), "")
+        if name:
+            live[name] = live.get(name, 0) + p.live
+            moved[name] = moved.get(name, 0) + p.bytes
+    segs = [Text(f"{name} {live[name]} live {human_bytes(moved[name])}B", style="dim")
+            for name in sorted(live)]
+    if segs:
+        segs[0] = Text("listeners: ", style="dim") + segs[0]
+    return segs
 
 
 def _console(wide: bool) -> Console:

@@ -27,6 +27,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from sosplice import _sock
+
 # Deadline for any single blocking step of a test unless it says otherwise.
 STEP_TIMEOUT = 10.0
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
@@ -36,7 +38,7 @@ LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 BACKENDS = ("bpf", "worker")
 # Modules about one backend's machinery or about the tool: run once, on
 # the backend $SOSPLICE_BACKEND (or "auto") picks.
-SINGLE_BACKEND_MODULES = {"test_internals", "test_splicectl"}
+SINGLE_BACKEND_MODULES = {"test_internals", "test_splicectl", "test_wheel"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -108,25 +110,17 @@ def outq(sock: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
-TCP_INFO = 11
-_TCPI_BYTES_ACKED = 120
-
-
 def tcp_written(sock: socket.socket) -> int:
     """Bytes ever written into a TCP socket: tcpi_bytes_acked + SIOCOUTQ.
 
-    (KERNEL-NOTES 4: what a drain has taken from the splice.)
+    (docs/kernel-notes.md K4: what a drain has taken from the splice.)
     """
-    def acked() -> int:
-        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 128)
-        return struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
-
     # Two readings: an ACK between them moves bytes from SIOCOUTQ to acked.
     # `acked` only grows, so equal readings around SIOCOUTQ make an exact sum.
     while True:
-        before = acked()
+        before = _sock.bytes_acked(sock)
         queued = outq(sock)
-        if acked() == before:
+        if _sock.bytes_acked(sock) == before:
             return before + queued
 
 
@@ -606,10 +600,15 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     every `Splicer()` made without a backend use it for the test.
     """
     import sosplice
-    from sosplice._engine import resolve_backend
 
-    # Not parametrised: whatever $SOSPLICE_BACKEND (or "auto") says.
-    name = getattr(request, "param", None) or resolve_backend(None)
+    # Not parametrised: whatever $SOSPLICE_BACKEND says; "auto" is bpf if
+    # its programs load, as in Splicer(backend="auto").
+    name = getattr(request, "param", None) or os.environ.get("SOSPLICE_BACKEND") or "auto"
+    if name == "auto":
+        try:
+            name = _default_engine_for("bpf").backend
+        except Exception:
+            name = "worker"
     monkeypatch.setenv("SOSPLICE_BACKEND", name)
     monkeypatch.setattr(sosplice, "_default", _default_engine_for(name))
     return name

@@ -1,6 +1,6 @@
 """Bad input to every entry point of the API, and concurrent misuse.
 
-Every bad call must end in an OSError with the errno of CONTRACT.md, a
+Every bad call must end in an OSError with the errno of docs/api.md, a
 TypeError or a ValueError, with a message that says what is wrong; never a
 hang, never another exception, and never damage to a splice that is not
 concerned: most tests keep a "bystander" splice on the same engine moving

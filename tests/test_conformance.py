@@ -1,5 +1,5 @@
 """Conformance: FreeBSD's tests/sys/kern/socket_splice.c case by case, as
-CONTRACT.md adapts them, plus the OpenBSD behaviours the contract adopts.
+docs/api.md adapts them, plus the OpenBSD behaviours the API adopts.
 
 Every FreeBSD case is its own test, named test_freebsd_<case>, and follows
 FreeBSD's setup: two TCP connections L0-L1 and R0-R1, with L1 spliced into
@@ -8,7 +8,7 @@ of R1 and bytes written on R1 come out of L0. The limits of splice_pair
 (max, idle) apply to both directions, as in FreeBSD.
 
 FreeBSD's twelfth case, splice_capsicum, needs Capsicum rights and has no
-Linux counterpart; CONTRACT.md lists the other eleven, and they are all
+Linux counterpart; the other eleven are all
 here. The FreeBSD cases use an explicit engine (the `splicer` fixture), the
 OpenBSD ones both the module-level functions and an explicit engine.
 

@@ -4,7 +4,7 @@ Each test breaks something while bytes are in flight (a peer resets or
 closes, the application closes a spliced fd, a limit fires while both
 directions run at full speed, the engine or the whole process goes away, a
 reader crawls, the path has a smaller MTU) and then checks what the contract
-keeps (CONTRACT.md items 6-10):
+keeps (docs/api.md, Semantics 6-10):
 
 - every byte counted in `bytes` reaches the drain's peer, in order (sha256
   against the deterministic stream that was sent);
@@ -378,7 +378,7 @@ def test_app_closes_source_while_spliced(env, splicer, reader):
 
 @pytest.mark.parametrize("reader", ["reading", "paused"])
 def test_source_peer_sees_app_close(env, splicer, backend, reader, request):
-    """CONTRACT 10: the peers see the close. A socket closed with bytes it
+    """The peers see the close (docs/api.md, Semantics 10). A socket closed with bytes it
     never read resets its peer, so the source's peer, still pushing, gets
     ECONNRESET/EPIPE at once (as without a splice: ~0.5 s here)."""
     L0, R0, R1, sp, wr, rd, closed_at = _close_source_mid_transfer(env, splicer, reader,
@@ -894,7 +894,8 @@ print(json.dumps({"received": n, "hash": h.hexdigest(), "sent": out["sent"], "ms
 class Netns:
     """Three namespaces (client, proxy, server) joined by two veth pairs
     with MTU 1400; addresses 10.199.1.0/24 and 10.199.2.0/24 exist only
-    inside them."""
+    inside them. Built with pyroute2; processes run in them through
+    `ip netns exec`, which also gives each its own /sys."""
 
     MTU = 1400
     serial = 0
@@ -905,30 +906,31 @@ class Netns:
         self.c, self.p, self.s = (f"{pfx}-{x}" for x in "cps")
         self.made: list[str] = []
 
-    def ip(self, *args: str) -> None:
-        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr}"
-
     def up(self) -> None:
+        from pyroute2 import NetNS, netns
         for ns in (self.c, self.p, self.s):
-            self.ip("netns", "add", ns)
+            netns.create(ns)
             self.made.append(ns)
-            self.ip("-n", ns, "link", "set", "lo", "up")
         # Each end is created directly inside its namespace: the host's
         # own interfaces are never touched.
-        self.ip("link", "add", "c0", "netns", self.c, "type", "veth", "peer", "name", "p0",
-                "netns", self.p)
-        self.ip("link", "add", "p1", "netns", self.p, "type", "veth", "peer", "name", "s0",
-                "netns", self.s)
-        for ns, dev, addr in ((self.c, "c0", "10.199.1.1/24"), (self.p, "p0", "10.199.1.2/24"),
-                              (self.p, "p1", "10.199.2.1/24"), (self.s, "s0", "10.199.2.2/24")):
-            self.ip("-n", ns, "link", "set", dev, "mtu", str(self.MTU))
-            self.ip("-n", ns, "addr", "add", addr, "dev", dev)
-            self.ip("-n", ns, "link", "set", dev, "up")
+        with NetNS(self.c) as c:
+            c.link("add", ifname="c0", kind="veth", peer={"ifname": "p0", "net_ns_fd": self.p})
+        with NetNS(self.p) as p:
+            p.link("add", ifname="p1", kind="veth", peer={"ifname": "s0", "net_ns_fd": self.s})
+        for ns, dev, addr in ((self.c, "c0", "10.199.1.1"), (self.p, "p0", "10.199.1.2"),
+                              (self.p, "p1", "10.199.2.1"), (self.s, "s0", "10.199.2.2")):
+            with NetNS(ns) as n:
+                (lo,) = n.link_lookup(ifname="lo")
+                n.link("set", index=lo, state="up")
+                (i,) = n.link_lookup(ifname=dev)
+                n.link("set", index=i, mtu=self.MTU)
+                n.addr("add", index=i, address=addr, prefixlen=24)
+                n.link("set", index=i, state="up")
 
     def down(self) -> None:
+        from pyroute2 import netns
         for ns in self.made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            netns.remove(ns)
         self.made.clear()
 
     def popen(self, ns: str, args: list[str], env: dict) -> subprocess.Popen:
@@ -990,7 +992,8 @@ def test_proxy_across_namespaces_small_mtu():
         for fn in os.listdir(run_dir):
             os.unlink(os.path.join(run_dir, fn))
         os.rmdir(run_dir)
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    from pyroute2 import netns
+    listed = netns.listnetns()
     assert net.c not in listed and net.p not in listed and net.s not in listed
 
 

@@ -1,4 +1,4 @@
-"""Byte limits, idle timeouts and bounded memory (CONTRACT items 4, 5, 11).
+"""Byte limits, idle timeouts and bounded memory (docs/api.md, Semantics 4, 5, 11).
 
 Real loopback TCP on the real kernel, nothing mocked. The setup is
 FreeBSD's: two connections L0-L1 and R0-R1, L1 spliced into R0, so bytes
@@ -391,7 +391,7 @@ def test_keepalive_bodies_one_splice_each(lab):
 def test_bytes_read_by_app_before_splice_are_not_moved(lab, spliced_before):
     """The first step of the keep-alive pattern in isolation: the proxy
     reads a header that shares an skb with the body, then splices. The
-    bytes it read must not also be moved (CONTRACT 2, 3: a byte the app
+    bytes it read must not also be moved (docs/api.md, Semantics 2, 3: a byte the app
     takes is never also moved); the rest of the skb must be."""
     e = lab.engine()
     L0, L1, R0, R1 = lab.pairs()

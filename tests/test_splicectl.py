@@ -753,3 +753,77 @@ def test_log_lines_of_connections_cut_at_exit(upstream, proxies):
     for f in lines:
         assert (f["up_bytes"], f["down_bytes"], f["up_end"], f["down_end"], f["end"]) == \
             ("5", "4", "cut", "cut", "grace"), f
+
+
+@pytest.mark.parametrize("engine", ["bpf", "worker"])
+def test_at_the_fd_limit_connections_wait_and_are_served(upstream, engine, tmp_path):
+    """Under `ulimit -n 64`, 40 clients at once: the proxy serves what
+    its fds allow and leaves the rest in the listen backlog, as HAProxy
+    does at maxconn, instead of accepting them and cutting them for want
+    of an upstream socket (they used to get EOF right after connecting,
+    33 of 40, with an ERROR line each). As served clients close, the
+    waiting ones are served, every one with its own bytes."""
+    err = tmp_path / "stderr"
+    with open(err, "w") as ef:
+        p = subprocess.Popen(["prlimit", "--nofile=64:64", PY, "-m", "splicectl", "proxy",
+                              "--backend", engine, "127.0.0.1:0", upstream.addr],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=ef, text=True)
+    clients: list[socket.socket] = []
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("listening on "), (line, err.read_text())
+        host, _, port = line.split()[2].rstrip(",").rpartition(":")
+        addr = (host, int(port))
+        msgs = [f"client {i} ".encode() * 50 for i in range(40)]
+        for m in msgs:
+            s = socket.create_connection(addr, timeout=10)
+            s.sendall(b"E" + m)
+            clients.append(s)
+        served: set[int] = set()
+
+        def serve_ready(wait: float) -> None:
+            """Read the echo of every client that has one within `wait`."""
+            deadline = time.monotonic() + wait
+            for i, s in enumerate(clients):
+                if i in served:
+                    continue
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    first = s.recv(1 << 16, socket.MSG_PEEK)
+                except (TimeoutError, BlockingIOError):
+                    continue
+                assert first, f"client {i} got EOF instead of its echo"
+                s.settimeout(10)
+                got = b""
+                while len(got) < len(msgs[i]):
+                    d = s.recv(1 << 16)
+                    assert d, f"client {i} got EOF after {len(got)} bytes"
+                    got += d
+                assert got == msgs[i], f"client {i} got another client's bytes or a cut echo"
+                served.add(i)
+
+        serve_ready(3.0)
+        first_round = len(served)
+        assert 0 < first_round < len(clients), \
+            f"{first_round} of {len(clients)} served at once under 64 fds"
+        deadline = time.monotonic() + 60
+        while len(served) < len(clients) and time.monotonic() < deadline:
+            for i in sorted(served):
+                if clients[i].fileno() >= 0:
+                    clients[i].close()   # frees its connection's fds in the proxy
+            serve_ready(1.0)
+        assert len(served) == len(clients), f"{len(served)} of {len(clients)} ever served"
+    finally:
+        for s in clients:
+            s.close()
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(15)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stdout.close()
+    log = err.read_text()
+    assert "ERROR" not in log, log
+    assert log.count("fill the limit") >= 1, log

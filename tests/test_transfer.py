@@ -5,6 +5,7 @@ deterministic stream that was sent.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import select
 import socket
@@ -573,3 +574,88 @@ def test_data_and_fin_in_one_segment(env, splicer):
         assert recv_until_eof(R1, 10) == data
         for s in (L0, L1, R0, R1):
             s.close()
+
+
+FLOOD = r"""
+import os, sys
+fd, path = int(sys.argv[1]), sys.argv[2]
+os.set_blocking(fd, True)   # one sendfile() call streams the whole file
+f = os.open(path, os.O_RDONLY)
+size = os.fstat(f).st_size
+try:
+    while True:
+        off = 0
+        while off < size:
+            off += os.sendfile(fd, f, off, size - off)
+except OSError:
+    pass
+"""
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_source_flooded_before_and_during_the_splice(env, tmp_path, run):
+    """A peer that sends faster than anyone can read, from before the
+    splice starts until after it: splice() returns at once, and every byte
+    arrives once, in order.
+
+    On bpf, splice() read the bytes already queued on the source until the
+    queue was empty; against such a peer it never was, and a process read
+    24 GB into memory before the OOM killer ended it (seen in CI). The peer
+    is a separate process sending with sendfile(2), and the application
+    reads at full speed for a while first, as a proxy that splices after
+    a header would, so that the window is wide open. The peer is stopped
+    after a while in any case, so a regression fails here instead of
+    exhausting the machine.
+    """
+    import threading
+    size = 32 * MiB
+    data = Stream(31 + run).read(0, size)
+    path = tmp_path / "flood"
+    path.write_bytes(data)
+    peer, src = env.pair()
+    dst, out = env.pair()
+    rd = env.start(Receiver(out))
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(peer.fileno()), str(path)],
+                             pass_fds=[peer.fileno()])
+    stop = threading.Timer(4.0, flood.kill)
+    stop.start()
+    try:
+        before = hashlib.sha256()
+        pre = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.2:
+            got = src.recv(256 << 10)
+            before.update(got)
+            pre += len(got)
+        t0 = time.monotonic()
+        sp = sosplice.splice(src, dst)
+        took = time.monotonic() - t0
+        wait_until(lambda: sp.bytes >= 48 * MiB, 3 * STEP, "48 MiB through the splice")
+    finally:
+        stop.cancel()
+        flood.kill()
+        flood.wait()
+    assert took < 0.5, f"splice() took {took:.1f} s against a flooding peer"
+    # The connecting side's tcpi_bytes_acked counts its SYN; read it
+    # before the FIN, which would count too.
+    sent = tcp_written(peer) - 1
+    peer.shutdown(socket.SHUT_WR)
+    assert sp.wait(3 * STEP) == 0
+    dst.shutdown(socket.SHUT_WR)
+    rd.check(3 * STEP)
+    assert rd.eof
+    assert pre + rd.count == pre + sp.bytes == sent, (pre, rd.count, sp.bytes, sent)
+    assert before.hexdigest() == _looped_sha(data, 0, pre)
+    assert rd.hash.hexdigest() == _looped_sha(data, pre, sent), "the stream arrived corrupted"
+
+
+def _looped_sha(data: bytes, start: int, end: int) -> str:
+    """sha256 of bytes [start, end) of `data` repeated without end."""
+    h = hashlib.sha256()
+    view = memoryview(data)
+    while start < end:
+        i = start % len(data)
+        n = min(len(data) - i, end - start)
+        h.update(view[i:i + n])
+        start += n
+    return h.hexdigest()

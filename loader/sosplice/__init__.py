@@ -23,8 +23,10 @@ from ._bpf import MIN_KERNEL
 from ._engine import DEFAULT_BACKLOG_CAP, Splicer
 from ._splice import Splice, SpliceInfo
 
+__version__ = "0.1.0"
+
 __all__ = [
-    "Splice", "SpliceInfo", "Splicer", "splice", "unsplice", "getsplice", "geterror",
+    "__version__", "Splice", "SpliceInfo", "Splicer", "splice", "unsplice", "getsplice", "geterror",
     "default_engine", "DEFAULT_BACKLOG_CAP", "MIN_KERNEL",
 ]
 
@@ -52,7 +54,8 @@ def default_engine() -> Splicer:
 Sock = socket.socket | int
 
 
-def splice(source: Sock, drain: Sock, *, max: int = 0, idle: float | None = None) -> Splice:
+def splice(source: Sock, drain: Sock, *, max: int = 0, idle: float | None = None,
+           label: str = "") -> Splice:
     """Send every byte arriving on `source` to `drain`, in the kernel.
 
     Args:
@@ -62,6 +65,8 @@ def splice(source: Sock, drain: Sock, *, max: int = 0, idle: float | None = None
             bytes stay readable on `source`. 0: no limit.
         idle: dissolve with ETIMEDOUT after this many seconds without a
             byte moved. None: never.
+        label: the application's name for the splice, shown in `stats()`
+            and `splicectl ls/top` (splicectl proxy: its listener).
 
     The splice dissolves at EOF on `source` (error 0, once every byte has
     been taken by the drain; the drain is not shut down), when the drain
@@ -73,7 +78,7 @@ def splice(source: Sock, drain: Sock, *, max: int = 0, idle: float | None = None
             EINVAL, EBUSY, ELOOP, EPERM; the message says what to do.
         TypeError: a socket, `max` or `idle` of the wrong type.
     """
-    return default_engine().splice(source, drain, max=max, idle=idle)
+    return default_engine().splice(source, drain, max=max, idle=idle, label=label)
 
 
 def unsplice(source: Sock) -> int:

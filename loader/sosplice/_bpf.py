@@ -17,7 +17,7 @@ from pathlib import Path
 from ._maps import SpliceCtl, SpliceStats
 
 # Two egress-backlog bugs that lose or duplicate bytes were fixed in 6.16
-# (KERNEL-NOTES 16). Splicing on an older kernel can corrupt a stream
+# (docs/kernel-notes.md K16). Splicing on an older kernel can corrupt a stream
 # silently, so we refuse.
 MIN_KERNEL = (6, 16)
 
@@ -34,11 +34,36 @@ BPF_NOEXIST = 1
 
 
 def bpf_dir() -> Path:
-    """Where the BPF C sources live (bpf/ at the top of the source tree)."""
+    """Where the BPF C sources live: $SOSPLICE_BPF_DIR, else the installed
+    package's bpf/ (package data), else the checkout's top-level bpf/."""
     env = os.environ.get("SOSPLICE_BPF_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "bpf"
+    here = Path(__file__).resolve().parent
+    installed, checkout = here / "bpf", here.parent.parent / "bpf"
+    return installed if (installed / SOURCES[0]).is_file() else checkout
+
+
+def _fail(kind: type[OSError], code: int, message: str, brief: str) -> OSError:
+    """An OSError whose `brief` says the cause in a few words, for
+    `load_failure()`: the message tells what to do, the brief fits a
+    banner ("EPERM, needs CAP_BPF")."""
+    e = kind(code, message)
+    e.brief = brief  # type: ignore[attr-defined]
+    return e
+
+
+def load_failure(e: BaseException) -> str:
+    """Why the bpf backend could not load, in one short phrase:
+    "EPERM, needs CAP_BPF", "ENOEXEC, compile failed: ...". Any exception
+    (bcc raises bare Exception) gives something readable."""
+    code = getattr(e, "errno", None)
+    name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
+    brief = getattr(e, "brief", None)
+    if brief is None:
+        text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        brief = text.removeprefix("sosplice: ").splitlines()[0][:80]
+    return f"{name}, {brief}" if name else brief
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
@@ -52,12 +77,13 @@ def check_kernel(release: str | None = None) -> None:
     """Refuse kernels whose sockmap can corrupt a stream."""
     have = kernel_version(release)
     if have < MIN_KERNEL:
-        raise OSError(
-            errno.ENOSYS,
+        raise _fail(
+            OSError, errno.ENOSYS,
             f"sosplice: kernel {have[0]}.{have[1]} is older than "
             f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]}; its sockmap redirect can lose or "
             "duplicate bytes. Upgrade the kernel (6.16 or a stable kernel with "
             "the sockmap backlog fixes).",
+            f"kernel {have[0]}.{have[1]} < {MIN_KERNEL[0]}.{MIN_KERNEL[1]}",
         )
 
 
@@ -69,34 +95,31 @@ def _effective_caps() -> int:
     return 0
 
 
-def check_privilege() -> None:
-    caps = _effective_caps()
+def missing_caps(caps: int | None = None) -> list[str]:
+    """The capabilities loading the programs needs and the process lacks.
+
+    CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON (kernels before
+    5.8 knew only it); CAP_NET_ADMIN is needed either way (sockmap).
+    """
+    caps = _effective_caps() if caps is None else caps
     has = lambda c: bool(caps >> c & 1)  # noqa: E731
-    admin = has(CAP_SYS_ADMIN)
-    if not (has(CAP_BPF) and has(CAP_PERFMON) or admin) or not has(CAP_NET_ADMIN):
-        raise PermissionError(
-            errno.EPERM,
+    need = [] if has(CAP_SYS_ADMIN) else [n for c, n in ((CAP_BPF, "CAP_BPF"),
+                                                         (CAP_PERFMON, "CAP_PERFMON")) if not has(c)]
+    return need + ([] if has(CAP_NET_ADMIN) else ["CAP_NET_ADMIN"])
+
+
+def check_privilege() -> None:
+    missing = missing_caps()
+    if missing:
+        raise _fail(
+            PermissionError, errno.EPERM,
             "sosplice: loading the BPF programs needs CAP_BPF and CAP_PERFMON (or "
             "CAP_SYS_ADMIN) and CAP_NET_ADMIN; run as root or grant them, e.g. "
             "`setcap cap_bpf,cap_perfmon,cap_net_admin+ep` on the interpreter; or use the "
             "worker backend, which needs neither (backend=\"worker\" or "
             "SOSPLICE_BACKEND=worker)",
+            "needs " + ", ".join(missing),
         )
-
-
-def usable() -> bool:
-    """Whether the bpf backend can load here: kernel, privilege, bcc.
-
-    What backend "auto" asks. A compile failure still raises later, from
-    `Programs`: a broken install should be fixed, not hidden.
-    """
-    try:
-        check_kernel()
-        check_privilege()
-    except OSError:
-        return False
-    import importlib.util
-    return importlib.util.find_spec("bcc") is not None
 
 
 class Programs:
@@ -108,14 +131,24 @@ class Programs:
         try:
             from bcc import BPF, BPFAttachType, libbcc
         except ImportError as e:
-            raise OSError(
-                errno.ENOENT,
+            raise _fail(
+                OSError, errno.ENOENT,
                 "sosplice: bcc is not importable; install Debian's python3-bpfcc "
                 "and use a virtualenv made with --system-site-packages "
                 "(`make setup` does both)",
+                "bcc not importable (python3-bpfcc)",
             ) from e
         self._lib = libbcc.lib
         where = bpf_dir()
+        missing = [n for n in SOURCES if not (where / n).is_file()]
+        if missing:
+            raise _fail(
+                OSError, errno.ENOENT,
+                f"sosplice: the BPF sources {', '.join(missing)} are not in {where}; "
+                "reinstall the package (they are its package data) or point "
+                "SOSPLICE_BPF_DIR at them",
+                f"no BPF sources in {where}",
+            )
         try:
             # One text, not #includes: bcc rewrites map calls
             # (`slots.lookup(...)`) only in its main file. It attaches the
@@ -126,10 +159,11 @@ class Programs:
             )
             fn = self.bpf.load_func(b"sk_skb_verdict", BPF.SK_SKB)
         except Exception as e:  # bcc raises bare Exception on compile/verify errors
-            raise OSError(
-                errno.ENOEXEC,
+            raise _fail(
+                OSError, errno.ENOEXEC,
                 f"sosplice: compiling or verifying {', '.join(SOURCES)} in {where} failed: {e}. "
                 "Is `make setup` done (kernel headers for bcc)?",
+                "compile or verify failed (kernel headers for bcc?)",
             ) from e
         self.sources_fd = self._map_fd(b"sources")
         self.drains_fd = self._map_fd(b"drains")
@@ -137,7 +171,8 @@ class Programs:
             BPF.attach_func(fn, self.sources_fd, BPFAttachType.SK_SKB_VERDICT)
         except Exception as e:
             self.bpf.cleanup()
-            raise OSError(errno.EOPNOTSUPP, f"sosplice: attaching the verdict failed: {e}") from e
+            raise _fail(OSError, errno.EOPNOTSUPP, f"sosplice: attaching the verdict failed: {e}",
+                        "attaching the verdict failed") from e
         self._fn = fn
         self.slots_fd = self._map_fd(b"slots")
         # The two per-slot arrays, mapped into this process: the controller
@@ -168,7 +203,7 @@ class Programs:
                          mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-    # bcc's Table refuses sockhash maps (KERNEL-NOTES), so these go through
+    # bcc's Table refuses sockhash maps (docs/kernel-notes.md, bcc), so these go through
     # libbcc directly on the map fd. Every such map is keyed by a socket
     # cookie and holds a u32: an fd for the two sockhashes, a slot in `slots`.
     def insert(self, map_fd: int, cookie: int, value: int) -> None:

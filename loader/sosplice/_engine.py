@@ -7,7 +7,9 @@ the backend's subclass:
             softirq context; a controller thread keeps limits and order.
   "worker"  _worker.WorkerSplicer: splice(2) through a pipe per splice,
             driven by one worker thread per CPU; no privilege needed.
-  "auto"    bpf where it is allowed (kernel, privilege, bcc), else worker.
+  "auto"    bpf if its programs load, else worker; `Splicer.fallback`
+            says why bpf did not (any load failure: privilege, kernel,
+            bcc, a compile or verifier error).
 
 The subclass owns how bytes move and when a splice is flushed; this class
 owns everything the application sees: validation and errors, the tables
@@ -30,7 +32,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from . import _sock
 from ._splice import Splice, SpliceInfo, SpliceRecord, State
@@ -122,16 +124,21 @@ def _idle_ns(idle: float | None) -> int:
     return builtins.max(1, int(builtins.min(seconds * 1e9, float(1 << 62))))
 
 
-def resolve_backend(name: str | None) -> str:
-    """"bpf" or "worker" for a requested backend name (None: $SOSPLICE_BACKEND)."""
+def requested_backend(name: str | None) -> str:
+    """"bpf", "worker" or "auto" for a requested name (None: $SOSPLICE_BACKEND,
+    else "auto")."""
     if name is None:
         name = os.environ.get("SOSPLICE_BACKEND") or "auto"
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")
-    if name != "auto":
-        return name
-    from . import _bpf
-    return "bpf" if _bpf.usable() else "worker"
+    return name
+
+
+def _check_backlog_cap(backlog_cap: object) -> None:
+    if isinstance(backlog_cap, bool) or not isinstance(backlog_cap, int) \
+            or not MIN_BACKLOG_CAP <= backlog_cap <= MAX_BACKLOG_CAP:
+        raise ValueError(f"backlog_cap must be an int from {MIN_BACKLOG_CAP} to {MAX_BACKLOG_CAP} "
+                         f"bytes, not {backlog_cap!r}")
 
 
 class Splicer:
@@ -140,8 +147,9 @@ class Splicer:
     Args:
         backend: "bpf" (eBPF sockmap, needs CAP_BPF and CAP_NET_ADMIN and
             Linux >= 6.16), "worker" (splice(2) worker threads, any user,
-            any kernel), or "auto" (bpf when allowed, else worker). None:
-            $SOSPLICE_BACKEND, else "auto". `Splicer.backend` says which.
+            any kernel), or "auto" (bpf if its programs load, else worker).
+            None: $SOSPLICE_BACKEND, else "auto". `Splicer.backend` says
+            which, and `Splicer.fallback` why "auto" did not get bpf.
         backlog_cap: most bytes the kernel may hold for one splice beyond
             the two sockets' buffers; past it the drain's slowness reaches
             the source's peer through TCP flow control. 64 KiB to 256 MiB.
@@ -154,21 +162,40 @@ class Splicer:
     """
 
     backend: str = ""
+    # Why backend "auto" runs on worker, for a banner or a log line:
+    # "bpf: EPERM, needs CAP_BPF". Empty when the backend is the one asked for.
+    fallback: str = ""
 
-    def __new__(cls, *, backend: str | None = None, **kw: object) -> Splicer:
-        if cls is Splicer:
-            if resolve_backend(backend) == "bpf":
-                from ._sockmap import SockmapSplicer as cls
-            else:
-                from ._worker import WorkerSplicer as cls
-        return super().__new__(cls)
+    def __new__(cls, *, backend: str | None = None, **kw: Any) -> Splicer:
+        if cls is not Splicer:
+            return super().__new__(cls)
+        name = requested_backend(backend)
+        if name == "worker":
+            from ._worker import WorkerSplicer
+            return super().__new__(WorkerSplicer)
+        if name == "bpf":
+            from ._sockmap import SockmapSplicer
+            return super().__new__(SockmapSplicer)
+        # "auto": load the programs here, where a failure can still choose
+        # the class; the bpf engine's __init__ takes them over. Any failure
+        # (bcc raises bare Exception) means worker, with its reason.
+        _check_backlog_cap(kw.get("backlog_cap", DEFAULT_BACKLOG_CAP))
+        try:
+            from ._sockmap import SockmapSplicer, adopt_programs
+            programs = adopt_programs(kw.get("max_sockets", 65536))
+        except Exception as e:
+            from . import _bpf
+            from ._worker import WorkerSplicer
+            self = super().__new__(WorkerSplicer)
+            self.fallback = "bpf: " + _bpf.load_failure(e)
+            return self
+        self = super().__new__(SockmapSplicer)
+        self._programs = programs
+        return self
 
     def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
                  max_sockets: int = 65536) -> None:
-        if isinstance(backlog_cap, bool) or not isinstance(backlog_cap, int) \
-                or not MIN_BACKLOG_CAP <= backlog_cap <= MAX_BACKLOG_CAP:
-            raise ValueError(f"backlog_cap must be an int from {MIN_BACKLOG_CAP} to {MAX_BACKLOG_CAP} "
-                             f"bytes, not {backlog_cap!r}")
+        _check_backlog_cap(backlog_cap)
         self.backlog_cap = backlog_cap
         self._lock = threading.RLock()
         self._live: dict[int, SpliceRecord] = {}        # source cookie -> record
@@ -187,7 +214,7 @@ class Splicer:
     # -- public API ---------------------------------------------------------
 
     def splice(self, source: socket.socket | int, drain: socket.socket | int, *,
-               max: int = 0, idle: float | None = None) -> Splice:
+               max: int = 0, idle: float | None = None, label: str = "") -> Splice:
         """Splice `source` into `drain`: see `sosplice.splice`."""
         # Types, then values, then the sockets: a bad argument is reported
         # the same way whatever state the sockets are in.
@@ -197,6 +224,8 @@ class Splicer:
             raise TypeError(f"max must be an int byte count, not {type(max).__name__}")
         if idle is not None and (isinstance(idle, bool) or not isinstance(idle, (int, float))):
             raise TypeError(f"idle must be seconds as a float or None, not {type(idle).__name__}")
+        if not isinstance(label, str):
+            raise TypeError(f"label must be a str, not {type(label).__name__}")
         if max < 0:
             raise _err(errno.EINVAL, f"max must be >= 0 (0 = no limit), not {max}")
         if max >= 1 << 62:
@@ -225,6 +254,7 @@ class Splicer:
                 if dcookie in self._drains:
                     raise _err(errno.EBUSY, "drain is already fed by another splice")
                 rec = self._start(src, dst, (scookie, dcookie), (sfd, dfd), (sino, dino), max, idle_ns)
+                rec.label = label
                 self._live[scookie] = rec
                 self._drains[dcookie] = rec
                 self._last.pop(scookie, None)
@@ -480,7 +510,7 @@ class Splicer:
             bytes=rec.bytes, kernel_bytes=rec.kernel_bytes, max=rec.max, idle=rec.idle_ns / 1e9 if rec.idle_ns else None,
             state=rec.state.value, error=rec.error, throttled=rec.throttled,
             age=(end - rec.started_ns) / 1e9, idle_for=(end - rec.last_active_ns) / 1e9,
-            pid=os.getpid(), backend=self.backend,
+            pid=os.getpid(), backend=self.backend, label=rec.label,
         )
 
 

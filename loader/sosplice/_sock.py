@@ -9,9 +9,13 @@ import termios
 
 SO_COOKIE = 57
 TCP_INFO = 11
-# struct tcp_info: tcpi_state is byte 0, tcpi_bytes_acked (u64) sits at 120.
-_TCPI_BYTES_ACKED = 120
-_TCPI_LEN = 128
+# The head of struct tcp_info (include/uapi/linux/tcp.h), which only ever
+# grows at its end: eight u8 fields (tcpi_state first), 24 u32 fields from
+# tcpi_rto to tcpi_total_retrans, then u64 tcpi_pacing_rate,
+# tcpi_max_pacing_rate, tcpi_bytes_acked and tcpi_bytes_received.
+_TCPI_HEAD = struct.Struct("=8B24I4Q")
+_TCPI_BYTES_ACKED = struct.calcsize("=8B24I2Q")
+_TCPI_LEN = _TCPI_BYTES_ACKED + 8
 
 SIOCATMARK = 0x8905
 
@@ -59,7 +63,7 @@ def progress(s: socket.socket) -> tuple[int, int, int]:
 
     acked + queued = bytes ever written into the socket: redirected bytes
     show up here once the drain's backlog worker has handed them to TCP
-    (KERNEL-NOTES 4), which is how we know the backlog is empty.
+    (docs/kernel-notes.md K4), which is how we know the backlog is empty.
     """
     info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_LEN)
     acked = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
@@ -68,6 +72,13 @@ def progress(s: socket.socket) -> tuple[int, int, int]:
 
 def _int_ioctl(s: socket.socket, request: int) -> int:
     return struct.unpack("i", fcntl.ioctl(s.fileno(), request, b"\0" * 4))[0]
+
+
+def bytes_acked(s: socket.socket) -> int:
+    """tcpi_bytes_acked: bytes of this socket its peer has acknowledged
+    (on the connecting side, its SYN counts too)."""
+    info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_LEN)
+    return struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
 
 
 def inq(s: socket.socket) -> int:

@@ -21,7 +21,7 @@ Ordering invariants (see docs/design.md for the argument):
      before ctl is published, deleted only after ctl is gone and the drain's
      backlog is empty (a drain leaving the map loses its backlog).
   4. A source never leaves `sources` while bytes may sit in its queue
-     or arrive (they would be lost, KERNEL-NOTES 7, 13; an skb arriving
+     or arrive (they would be lost, docs/kernel-notes.md K7, K13; an skb arriving
      during the delete is lost or duplicated now and then): it leaves only
      after EOF with an empty queue, or when closed. A fresh source with
      bytes queued before the splice enters it only once the controller
@@ -30,6 +30,7 @@ Ordering invariants (see docs/design.md for the argument):
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes as ct
 import errno
 import heapq
@@ -39,6 +40,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import _sock
@@ -51,6 +53,8 @@ from ._splice import Splice, SpliceRecord, State
 # splice cannot starve the others.
 COPY_CHUNK = 256 << 10
 COPY_BUDGET = 4 << 20
+# Most a fresh source's queue is read at splice(), in the caller's thread.
+PREFETCH_MAX = 4 << 20
 # How often to re-read the drain while waiting for its backlog to empty.
 FLUSH_POLL = 0.001
 FLUSH_POLL_MAX = 0.05
@@ -64,7 +68,7 @@ _CLAIMED: dict[int, SockmapSplicer] = {}
 
 # Programs of closed engines whose `sources` map still holds open sockets.
 # A socket leaves its sockmap only losslessly when nothing is queued in its
-# psock and nothing can arrive meanwhile (KERNEL-NOTES 7, 13): tearing the
+# psock and nothing can arrive meanwhile (docs/kernel-notes.md K7, K13): tearing the
 # map down under a former source drops the bytes its verdict passed and
 # leaves the socket unreadable (FIONREAD shows them, recv() never returns
 # them: issue 11, item 2). So closing an engine keeps the verdict (which
@@ -73,6 +77,33 @@ _CLAIMED: dict[int, SockmapSplicer] = {}
 # and with them its former sources, which it can splice again.
 _RETIRED: list[Programs] = []
 _RETIRED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _urgent_in_band(s: socket.socket) -> Iterator[None]:
+    """recv() urgent bytes in band, as the verdict carries them: out of
+    band, recv() would skip an urgent byte already queued."""
+    inline = s.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE)
+    if not inline:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    try:
+        yield
+    finally:
+        if not inline:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 0)
+
+
+def _at_queue_end(s: socket.socket, data: bytes, asked: int) -> bool:
+    """Whether a read of `asked` bytes that returned `data` emptied the
+    TCP receive queue, so that what arrives next starts a new skb.
+
+    tcp_recvmsg() returns fewer bytes than asked (without a FIN or an
+    error) only when it has eaten every skb in the queue, or when it stops
+    at the urgent mark, which may lie inside one. This matters because
+    the verdict gets a partly read skb whole, already read bytes and all:
+    a source may join its map only where the queue starts on a new skb.
+    """
+    return len(data) < asked and not _sock.at_mark(s)
 
 
 def reap_retired() -> None:
@@ -113,7 +144,7 @@ class SockmapRecord(SpliceRecord):
     flushed_once: bool = False     # [C] one flushed reading seen while dissolving
     last_written: int = 0          # [C] drain's written count at the last look
     paused: bool = False           # [C] not yet in `sources`: new bytes wait in its TCP queue (_admit)
-    unmapped: bool = False         # [C] could not go into `sources`: read it directly
+    unmapped: bool = False         # [C] out of `sources`, read directly: past its FIN, or paused before its queue's end (_take_direct)
     backoff: float = 0.001         # [C] seconds until the next look without events
     moved: int = 0                 # [K] bytes the verdict redirected
     passed: int = 0                # [K] bytes the verdict left on the source
@@ -162,9 +193,11 @@ class SockmapSplicer(Splicer):
     def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
                  max_sockets: int = 65536) -> None:
         super().__init__(backlog_cap=backlog_cap)
-        self._prog = adopt_programs(max_sockets)
+        # Loaded already when Splicer(backend="auto") chose this class.
+        self._prog = self.__dict__.pop("_programs", None) or adopt_programs(max_sockets)
         self._max_sockets = max_sockets
         self._byfd: dict[int, SockmapRecord] = {}       # our dup's fd -> record
+        self._sleeps_until = 1 << 63   # monotonic ns the controller means to wake by (_run)
         self._sources: set[int] = set()                 # cookies we put in `sources`
         # Free slots of the ctl/stats arrays, oldest first: a slot is used
         # again as late as possible after its splice ended (its owner check
@@ -233,13 +266,13 @@ class SockmapSplicer(Splicer):
         handle = Splice(self)
         now = time.monotonic_ns()
         # A drain whose peer already half-closed (CLOSE_WAIT) cannot enter a
-        # sockmap (KERNEL-NOTES 9); it can still send, so the controller
+        # sockmap (docs/kernel-notes.md K9); it can still send, so the controller
         # copies every byte of such a splice itself (credit stays 0).
         drain_in_map = True
         if dst.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 4 * self.backlog_cap:
             # Room for the whole cap in the drain's own send queue, with
             # the kernel's per-skb overhead (see _publish). Also what lifts
-            # bulk speed (KERNEL-NOTES 14).
+            # bulk speed (docs/kernel-notes.md K14).
             dst.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * self.backlog_cap)
         try:
             self._prog.insert(self._prog.drains_fd, dcookie, dst.fileno())
@@ -284,8 +317,17 @@ class SockmapSplicer(Splicer):
         self._ep.register(rec.dst.fileno(), 0)  # EPOLLERR and EPOLLHUP always report
         if rec.idle_ns:
             self._at(rec, rec.started_ns + rec.idle_ns)
-        self._later(rec)
-        os.eventfd_write(self._wake, 1)
+        # A splice the verdict can run alone needs no look until an event:
+        # the ring buffer's at half credit, EPOLLIN for a passed skb (epoll
+        # reports a source already readable when it is registered). Waking
+        # the controller for every splice cost a proxy a thread switch per
+        # direction; nor does a timer due after the controller's planned
+        # wake-up need one (_run).
+        soon = bool(rec.pending) or rec.fifo > 0 or rec.paused or rec.unmapped or rec.eof
+        if soon:
+            self._later(rec)
+        if soon or rec.idle_ns and rec.started_ns + rec.idle_ns < self._sleeps_until:
+            os.eventfd_write(self._wake, 1)
 
     def _claim_slot(self, rec: SockmapRecord) -> None:
         """Give the record's slot its owner, holding the verdict (it passes
@@ -326,7 +368,7 @@ class SockmapSplicer(Splicer):
                        "splice before calling shutdown() on it")
         if state != _sock.TCP_ESTABLISHED:
             # CLOSE_WAIT: the peer sent FIN; the socket cannot join a map
-            # (KERNEL-NOTES 9), and nothing more can arrive: take what is
+            # (docs/kernel-notes.md K9), and nothing more can arrive: take what is
             # left now, the controller sends it.
             self._prefetch(rec)
             return True
@@ -404,27 +446,31 @@ class SockmapSplicer(Splicer):
         the source must stay out of the map: EOF, or `max` already reached.
         May be called again (the FIN arrived meanwhile): it adds to what
         the first call took.
+
+        Takes at most PREFETCH_MAX: a peer that sends faster than this loop
+        reads would keep it going, and its memory growing, for ever. If it
+        stops before the queue's end the source is left `unmapped` and the
+        controller reads on until it finds one (_take_direct).
         """
         chunks = [rec.pending]
-        want = (rec.max - rec.taken) if rec.max else 1 << 62
-        # In band, as the verdict carries urgent data once spliced: out of
-        # band, recv() would skip an urgent byte already queued.
-        inline = rec.src.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE)
-        if not inline:
-            rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-        try:
-            self._take_queued(rec, chunks, want)
-        finally:
-            if not inline:
-                rec.src.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 0)
+        room = (rec.max - rec.taken) if rec.max else PREFETCH_MAX
+        with _urgent_in_band(rec.src):
+            at_end = self._take_queued(rec, chunks, min(room, PREFETCH_MAX))
         rec.pending = b"".join(chunks)
         rec.taken = rec.q_old = len(rec.pending)
-        return rec.eof or bool(rec.max) and rec.taken >= rec.max
+        done = rec.eof or bool(rec.max) and rec.taken >= rec.max
+        if not (at_end or done):
+            rec.unmapped = True
+        return done
 
-    def _take_queued(self, rec: SockmapRecord, chunks: list[bytes], want: int) -> None:
+    def _take_queued(self, rec: SockmapRecord, chunks: list[bytes], want: int) -> bool:
+        """Read up to `want` bytes into `chunks`; True if the reads ended
+        at the end of the queue (_at_queue_end) or at EOF."""
+        n = COPY_CHUNK
         while want > 0:
+            n = min(want, n)
             try:
-                data = rec.src.recv(min(want, COPY_CHUNK), socket.MSG_DONTWAIT)
+                data = rec.src.recv(n, socket.MSG_DONTWAIT)
                 if not data:
                     # Not FIONREAD, and EOF only if a second read agrees: a
                     # socket with a psock (it may be the drain of another
@@ -433,14 +479,18 @@ class SockmapSplicer(Splicer):
                     # (tcp_bpf_recvmsg looks at that queue before it takes
                     # the socket lock). Measured on 6.18:
                     # tests/test_transfer.py::test_answer_and_fin_before_the_splice.
-                    data = rec.src.recv(min(want, COPY_CHUNK), socket.MSG_DONTWAIT)
+                    data = rec.src.recv(n, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                break
+                return True
             if not data:
                 rec.eof = True
-                break
+                return True
             chunks.append(data)
             want -= len(data)
+            if _at_queue_end(rec.src, data, n):
+                return True
+            n = _sock.inq(rec.src) + COPY_CHUNK
+        return False
 
     def _measure_queue(self, rec: SockmapRecord) -> int:
         """Bytes in the source's queue that the verdict did not count.
@@ -461,7 +511,10 @@ class SockmapSplicer(Splicer):
     def _run(self) -> None:
         next_sweep = time.monotonic() + CLOSE_SWEEP
         while True:
+            # Unknown while it is computed: a timer armed meanwhile wakes us.
+            self._sleeps_until = 1 << 63
             timeout = self._timeout(next_sweep)
+            self._sleeps_until = time.monotonic_ns() + int(timeout * 1e9)
             try:
                 events = self._ep.poll(timeout)
             except (OSError, ValueError):
@@ -592,10 +645,12 @@ class SockmapSplicer(Splicer):
             if rec.fifo == 0 and not rec.unmapped:
                 self._publish(rec, acked)
                 break
-            room = rec.max - rec.bytes if rec.max else COPY_CHUNK
-            # An unmapped source's bytes are in its TCP queue, uncounted:
-            # read until it is empty or says EOF.
-            n = min(COPY_CHUNK if rec.unmapped else rec.fifo, COPY_CHUNK, room, budget)
+            room = rec.max - rec.bytes if rec.max else 1 << 62
+            n = min(rec.fifo, COPY_CHUNK, room, budget)
+            if rec.unmapped:
+                # Its bytes are in its TCP queue, uncounted: read them all
+                # at once if it can be done, to find the queue's end.
+                n = min(_sock.inq(rec.src) + COPY_CHUNK, room)
             if n <= 0:
                 break
             if written < rec.moved + rec.sent:
@@ -606,6 +661,11 @@ class SockmapSplicer(Splicer):
                 # not acknowledged stay within it whichever path sent them.
                 self._later(rec)
                 break
+            if rec.unmapped:
+                if not self._take_direct(rec, n):
+                    break
+                budget -= len(rec.pending)
+                continue
             try:
                 data = rec.src.recv(n, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
@@ -614,11 +674,8 @@ class SockmapSplicer(Splicer):
                 self._dissolve(rec, e.errno or errno.EIO)
                 break
             if not data:
-                rec.eof = rec.eof or rec.unmapped
                 break
             rec.taken += len(data)
-            if rec.unmapped:
-                rec.q_old += len(data)  # taken without the verdict: fifo stays 0
             rec.pending = data
             rec.last_copy_ns = time.monotonic_ns()
             budget -= len(data)
@@ -629,7 +686,7 @@ class SockmapSplicer(Splicer):
             # The last reading of the drain: an older `acked` can only
             # make the credit smaller, never let it pass the cap.
             self._publish(rec, acked)
-            if rec.paused and not rec.pending:
+            if rec.paused and not rec.unmapped and not rec.pending:
                 self._admit(rec)
 
         if rec.state is not State.ACTIVE:
@@ -647,10 +704,41 @@ class SockmapSplicer(Splicer):
 
     # -- a source that starts out of the map ---------------------------------
 
+    def _take_direct(self, rec: SockmapRecord, n: int) -> bool:
+        """One read of an unmapped source, outside the verdict; False when
+        there is nothing more to read for now.
+
+        A source that started paused is unmapped while what its peer sent
+        before the splice is still coming in (_prefetch stopped short):
+        once a read finds the queue's end, it stays out of the map, its
+        new bytes waiting in the TCP queue, until _admit. Any other
+        unmapped source is past its FIN: it is read to EOF.
+        """
+        try:
+            with _urgent_in_band(rec.src):
+                data = rec.src.recv(n, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            rec.unmapped = not rec.paused
+            return False
+        except OSError as e:
+            self._dissolve(rec, e.errno or errno.EIO)
+            return False
+        if not data:
+            rec.eof = True
+            rec.paused = False  # nothing left to admit
+            return False
+        rec.taken += len(data)
+        rec.q_old += len(data)  # taken without the verdict: fifo stays 0
+        rec.pending = data
+        rec.last_copy_ns = time.monotonic_ns()
+        if rec.paused and _at_queue_end(rec.src, data, n):
+            rec.unmapped = False
+        return True
+
     def _enter_sources(self, rec: SockmapRecord) -> None:
         """Insert the source into `sources`, and run the verdict over what
         its TCP queue holds: those bytes reach the verdict only on the next
-        data_ready, which SO_RCVLOWAT 1 triggers now (KN 8). Raises the
+        data_ready, which SO_RCVLOWAT 1 triggers now (docs/kernel-notes.md K8). Raises the
         insert's OSError."""
         self._prog.insert(self._prog.sources_fd, rec.src_cookie, rec.src.fileno())
         # Never discarded: cookies are not reused, and a closed socket
@@ -674,7 +762,7 @@ class SockmapSplicer(Splicer):
         try:
             self._enter_sources(rec)
         except OSError:
-            # Only an ESTABLISHED socket can join a map (KN 9): the peer's
+            # Only an ESTABLISHED socket can join a map (docs/kernel-notes.md K9): the peer's
             # FIN or a reset came while it was out. Nothing more can
             # arrive; the controller reads what is left itself, once the
             # drain has taken every byte sent before (invariant 2).

@@ -52,6 +52,7 @@ class SpliceRecord:
     idle_ns: int                   # [I] 0 = no idle timeout
     started_ns: int                # [I] time.monotonic_ns() at start
     addrs: tuple[tuple[Any, Any], tuple[Any, Any]]  # [I] (local, peer) of source, drain
+    label: str = ""                # [I] the application's name for it (splice(label=))
     state: State = State.ACTIVE    # [C]
     error: int | None = None       # [C] reason, set once by dissolve()
     done_ns: int = 0               # [C] when it became DONE
@@ -173,3 +174,4 @@ class SpliceInfo:
     idle_for: float                # seconds since the last byte moved
     pid: int = field(default=0)
     backend: str = field(default="")   # "bpf" or "worker"
+    label: str = field(default="")     # splice(label=): the application's name for it
