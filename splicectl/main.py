@@ -85,7 +85,8 @@ number is, and IPv4 clients of a dual-stack [::] listener show as IPv4):
   KERN    share of the bytes moved in the kernel, without a copy through
           the process (bpf backend: the rest went through its copy path)
   RATE    bytes per second both ways, between the last two readings
-  IDLE    seconds since the last byte either way (m: minutes, h: hours)
+  IDLE    time since the last byte either way (s, m: minutes, h: hours;
+          - once the connection has ended)
   LIMIT   the splices' max= bytes / idle= seconds (only when one is set)
   STATE   one word when both directions agree, else A→B/A←B
 

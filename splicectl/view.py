@@ -516,7 +516,8 @@ def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str |
     cols.append(("KERN", "right", [kernel_share(p.kernel_bytes, p.bytes) or "-" for p in shown]))
     cols.append(("RATE", "right", [short_bytes(p.rate) + ("" if all(r.rate_measured for r in p.rows)
                                                           else "~") for p in shown]))
-    cols.append(("IDLE", "right", [human_secs(min(r.idle_for for r in p.rows)) for p in shown]))
+    cols.append(("IDLE", "right", [human_secs(min(r.idle_for for r in p.rows)) if p.live else "-"
+                                   for p in shown]))
     if wide or any(r.max or r.idle for p in shown for r in p.rows):
         cols.append(("LIMIT", "right", ["|".join(dict.fromkeys(limit_text(r) for r in p.rows))
                                         for p in shown]))
