@@ -646,7 +646,12 @@ class SockmapSplicer(Splicer):
                 self._publish(rec, acked)
                 break
             room = rec.max - rec.bytes if rec.max else 1 << 62
-            n = min(rec.fifo, COPY_CHUNK, room, budget)
+            # The whole counted queue and what came since (every byte in
+            # it was counted before it was queued), in one read: the fewer
+            # reads, the sooner the queue is found empty and the verdict
+            # may redirect again. Measured: 7-59% in the kernel instead of
+            # 0.2-16% for iperf3 -P 1 -R (docs/design.md, "Known limitation").
+            n = min(rec.fifo + COPY_CHUNK, room, budget)
             if rec.unmapped:
                 # Its bytes are in its TCP queue, uncounted: read them all
                 # at once if it can be done, to find the queue's end.
@@ -677,6 +682,9 @@ class SockmapSplicer(Splicer):
                 break
             rec.taken += len(data)
             rec.pending = data
+            # Past the `passed` read above, perhaps: every byte read was
+            # counted before it was queued, so a fresh reading covers it.
+            self._read_stats(rec)
             rec.last_copy_ns = time.monotonic_ns()
             budget -= len(data)
         else:
