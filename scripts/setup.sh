@@ -2,7 +2,8 @@
 # Idempotent set-up for sosplice on a Debian machine, run as root.
 # Used by `make setup` (and so by `make test`, `make demo`, `make bench`).
 #
-#  1. Debian packages: bcc (python3-bpfcc), kernel headers for bcc, and the
+#  1. Debian packages: bcc (python3-bpfcc), prometheus_client (for the
+#     proxy's metrics), kernel headers for bcc, and the
 #     peers used by tests and benchmarks.
 #  2. Kernel headers where the running kernel ships none (docs/kernel-notes.md):
 #     bcc wants /lib/modules/$(uname -r)/{build,source}; Debian's generic
@@ -14,7 +15,7 @@ set -eu
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
-PKGS="python3-bpfcc python3-venv python3-pip linux-headers-amd64 iproute2 tmux socat curl haproxy iperf3"
+PKGS="python3-bpfcc python3-prometheus-client python3-venv python3-pip linux-headers-amd64 iproute2 tmux socat curl haproxy iperf3"
 missing=""
 for p in $PKGS; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -60,7 +61,7 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 	fi
 	touch "$stamp"
 fi
-"$VENV/bin/python" -c "import bcc, sosplice" || {
-	echo "setup: the virtualenv cannot import bcc and sosplice" >&2
+"$VENV/bin/python" -c "import bcc, prometheus_client, sosplice" || {
+	echo "setup: the virtualenv cannot import bcc, prometheus_client and sosplice" >&2
 	exit 1
 }

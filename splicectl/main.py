@@ -62,6 +62,60 @@ Durations (S) are seconds, from 0.001 to 2000000.
 """
 
 
+VIEW_DESCRIPTION = {
+    "ls": "List the connections that sosplice engines on this host splice, one row\n"
+          "per connection (its two directions side by side), live ones first.\n",
+    "top": "Show the connections that sosplice engines on this host splice, one\n"
+           "row per connection, again every INTERVAL seconds, with the aggregate\n"
+           "throughput of the last minute as a sparkline.\n",
+}
+
+VIEW_EPILOG = """\
+header:
+  live and ended connections, the process (or how many), bytes moved and
+  the share moved in the kernel, the throughput now, the time.
+
+columns (80 wide at most; addresses are cut on the left before any
+number is, and IPv4 clients of a dual-stack [::] listener show as IPv4):
+  PID     the process that splices (shown in the header when only one)
+  A, B    the two peers: A is the source of the connection's first splice
+          (for splicectl proxy the client), B the other (the upstream)
+  A→B     bytes moved from A to B; A←B from B to A (blank: a one-way
+          splice). K, M, G: powers of 1024
+  KERN    share of the bytes moved in the kernel, without a copy through
+          the process (bpf backend: the rest went through its copy path)
+  RATE    bytes per second both ways, between the last two readings
+  IDLE    time since the last byte either way (s, m: minutes, h: hours;
+          - once the connection has ended)
+  LIMIT   the splices' max= bytes / idle= seconds (only when one is set)
+  STATE   one word when both directions agree, else A→B/A←B
+
+states:
+  active      bytes flow; active* means they wait for the drain (bpf:
+              the copy path; worker: a full drain)
+  flush R     ended for reason R, still handing over the bytes it holds
+  EOF         ended cleanly (the source sent its FIN)
+  ECONNRESET  the source was reset; EPIPE: the drain failed; ETIMEDOUT:
+              idle= ran out; EFBIG: max= reached
+  ~           after RATE: an average since the start (no two readings yet)
+
+files:
+  /run/sosplice/<pid>-<n>.json  each engine's snapshot, rewritten every
+              0.2 s while a viewer keeps touching /run/sosplice/watch
+              (so an engine spends nothing on it when no one looks)
+
+environment:
+  SOSPLICE_RUN_DIR  the directory instead of /run/sosplice
+  COLUMNS           the width, if narrower than 80 (rich reads it)
+"""
+
+TOP_KEYS = """
+keys (in a terminal):
+  b  sort by bytes     r  sort by rate     a  sort by age
+  q  quit (as Ctrl-C)
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message} (try --help)\n")
@@ -165,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kernel bytes held per splice beyond socket buffers, 64K to 256M "
                          "(default 4M)")
     px.add_argument("--metrics", metavar="HOST:PORT", default=None, type=_addr(listen=True),
-                    help="serve Prometheus metrics over HTTP here")
+                    help="serve Prometheus metrics over HTTP here (docs/observing.md lists "
+                         "them)")
     px.add_argument("--grace", type=_seconds(zero_ok=True), default=None, metavar="S",
                     help="on SIGINT/SIGTERM stop accepting and let connections finish for S "
                          "seconds, then reset those still open (default 5; 0: at once)")
@@ -175,26 +230,43 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bpf (eBPF sockmap, needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN), worker "
                          "(splice(2) threads, any user) or auto (bpf if it loads, else worker); "
                          "default $SOSPLICE_BACKEND or auto")
-    px.add_argument("--log-level", default="warning",
-                    choices=["debug", "info", "warning", "error"], help="default: warning")
+    px.add_argument("--log-level", default="info",
+                    choices=["debug", "info", "warning", "error"],
+                    help="info (the default) writes one line per connection when it ends "
+                         "(addresses, bytes each way, in-kernel share, duration, why each "
+                         "direction ended; docs/observing.md); warning keeps only problems")
 
     dm = sub.add_parser("demo", help="spliced proxy vs userspace relay, hash-checked")
     dm.add_argument("--seconds", type=_positive_float, default=5.0, help="spliced run length (default 5)")
     dm.add_argument("--conns", type=int, default=8, help="concurrent connections (default 8)")
     dm.add_argument("--no-live", action="store_true", help="do not show the live table")
 
-    for name, hlp in (("ls", "list every splice on this host"), ("top", "live view of every splice")):
-        v = sub.add_parser(name, help=hlp)
+    for name, hlp in (("ls", "list the connections spliced on this host"),
+                      ("top", "live view of the connections spliced on this host")):
+        v = sub.add_parser(name, help=hlp, description=VIEW_DESCRIPTION[name],
+                           epilog=VIEW_EPILOG + (TOP_KEYS if name == "top" else ""),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == "top":
             v.add_argument("interval", nargs="?", type=_positive_float, default=1.0,
                            help="seconds between refreshes (default 1)")
-            v.add_argument("count", nargs="?", type=int, default=0,
-                           help="refresh this many times, then exit (default: until q)")
+            v.add_argument("count", nargs="?", type=_count, default=0,
+                           help="refresh this many times, then exit (default 0: until q)")
+            v.add_argument("-b", "--batch", action="store_true",
+                           help="print one frame after another, each ending with a newline, "
+                                "for pipes and logs (as top -b); the default when stdout is "
+                                "not a terminal")
         else:
-            v.add_argument("--json", action="store_true", help="print a JSON list")
-        v.add_argument("--sort", choices=["bytes", "rate", "age"], default="bytes")
-        v.add_argument("--wide", action="store_true", help="all columns, wider than 80")
-        v.add_argument("--all", action="store_true", help="every dissolved splice, not only the 10 first")
+            v.add_argument("--json", action="store_true",
+                           help="print a JSON list, one object per splice (per direction), "
+                                "with exact numbers")
+        v.add_argument("--sort", choices=["bytes", "rate", "age"], default="bytes",
+                       help="order of the rows: most bytes (both ways), highest rate or "
+                            "oldest first (default bytes)")
+        v.add_argument("--wide", action="store_true",
+                       help="more columns, wider than 80: PID and PROCESS always, local "
+                            "addresses, LIMIT, AGE, COOKIES")
+        v.add_argument("--all", action="store_true",
+                       help="every ended connection the engines still report, not only 10")
         v.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
                        help="only the splices of this process (repeatable)")
     return p

@@ -265,6 +265,24 @@ def _reset_not_fin(source: socket.socket, *, other_done: bool) -> bool:
 
 _TCP_CLOSE = 7  # include/net/tcp_states.h; tcpi_state is TCP_INFO's first byte
 
+# How a connection ended (the log line's end=, and which counter counts
+# it): both FINs passed on; a peer reset it; else a reason of the proxy's
+# own (idle, grace, no_upstream, splice_refused, error, exit).
+_END_CLOSED = "closed"
+_END_CLIENT_ABORT = "client_abort"
+_END_UPSTREAM_ABORT = "upstream_abort"
+
+
+def _was_reset(s: socket.socket | None) -> bool:
+    """Whether the kernel closed `s`, an open socket of ours: its peer
+    reset it (or it timed out). The proxy's own resets come after."""
+    if s is None:
+        return False
+    try:
+        return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except OSError:
+        return False
+
 
 def _writable(s: socket.socket) -> bool:
     """Whether a connecting socket has finished (either way), now."""
@@ -280,50 +298,12 @@ def fmt_addr(sa: tuple | list | None) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-# -- metrics -----------------------------------------------------------------
-
-@dataclass
-class Metrics:
-    connections_total: dict[str, int] = field(default_factory=dict)   # by listener
-    bytes_done: dict[str, int] = field(default_factory=lambda: {UP: 0, DOWN: 0})
-    kernel_done: dict[str, int] = field(default_factory=lambda: {UP: 0, DOWN: 0})
-    dissolve: dict[str, int] = field(default_factory=dict)
-    resets: dict[str, int] = field(default_factory=dict)
-    errors_total: int = 0
-
-    def render(self, active: int, live_bytes: dict[str, int], live_kernel: dict[str, int]) -> str:
-        out = [
-            "# HELP sosplice_connections_total Client connections accepted, by listener.",
-            "# TYPE sosplice_connections_total counter",
-            *(f'sosplice_connections_total{{listener="{name}"}} {n}'
-              for name, n in sorted(self.connections_total.items())),
-            "# HELP sosplice_connections_active Client connections open now.",
-            "# TYPE sosplice_connections_active gauge",
-            f"sosplice_connections_active {active}",
-            "# HELP sosplice_bytes_total Bytes spliced, up = client to upstream.",
-            "# TYPE sosplice_bytes_total counter",
-        ]
-        for d in (UP, DOWN):
-            out.append(f'sosplice_bytes_total{{direction="{d}"}} {self.bytes_done[d] + live_bytes.get(d, 0)}')
-        out += ["# HELP sosplice_kernel_bytes_total Of sosplice_bytes_total, bytes moved without a "
-                "copy through the proxy process.",
-                "# TYPE sosplice_kernel_bytes_total counter"]
-        for d in (UP, DOWN):
-            out.append(f'sosplice_kernel_bytes_total{{direction="{d}"}} '
-                       f'{self.kernel_done[d] + live_kernel.get(d, 0)}')
-        out += ["# HELP sosplice_dissolve_total Splices dissolved, by reason.",
-                "# TYPE sosplice_dissolve_total counter"]
-        for reason, n in sorted(self.dissolve.items()):
-            out.append(f'sosplice_dissolve_total{{reason="{reason}"}} {n}')
-        out += ["# HELP sosplice_resets_total Connections the proxy ended with a reset, by reason.",
-                "# TYPE sosplice_resets_total counter"]
-        for reason, n in sorted(self.resets.items()):
-            out.append(f'sosplice_resets_total{{reason="{reason}"}} {n}')
-        out += ["# HELP sosplice_errors_total Failed upstream connects, refused splices and "
-                "splices ended by an error.",
-                "# TYPE sosplice_errors_total counter",
-                f"sosplice_errors_total {self.errors_total}", ""]
-        return "\n".join(out)
+def fmt_peer(sa: tuple | list | None) -> str:
+    """fmt_addr of a peer, an IPv4-mapped IPv6 address (a dual-stack
+    listener's IPv4 client) written as the IPv4 address it is."""
+    if sa and str(sa[0]).startswith("::ffff:") and "." in str(sa[0]):
+        sa = (str(sa[0])[7:], sa[1])
+    return fmt_addr(sa)
 
 
 def reason_name(err: int | None) -> str:
@@ -356,6 +336,15 @@ class Conn:
     seen: int = 0
     quiet_since: float = 0.0
     look_at: float = 0.0
+    # What its log line and metrics tell (see _log_end).
+    accepted: float = 0.0      # monotonic
+    connect_started: float = 0.0
+    connect_secs: float | None = None
+    upstream_name: str = "-"   # the UPSTREAM it was spliced to, as configured
+    ends: dict = field(default_factory=dict)   # direction -> why it ended
+    end: str = ""              # why the connection ended (_END_*)
+    duration: float = 0.0
+    logged: bool = False
 
 
 @dataclass(frozen=True)
@@ -459,7 +448,8 @@ class Proxy:
         # in bulk when they outnumber the live ones, see _arm_idle).
         self.idle_heap: list[tuple[float, int]] = []
         self.splices: dict[object, tuple[Conn, str]] = {}
-        self.m = Metrics()
+        from .metrics import Metrics   # prometheus_client: not for ls/top
+        self.m = Metrics(self._live_counts)
         self.next_id = 1
         self.accept_again = 0.0    # accept paused by EMFILE and the like until then
         # Connections the fd limit leaves room for (None: no limit), and
@@ -532,6 +522,7 @@ class Proxy:
             self.listeners[lst.conf.bind] = lst
             self._set_accepting(lst, True)
         self.address = listeners[0].sock.getsockname()
+        self.m.set_backend(self.engine.backend)
         return self.address
 
     def _bind_all(self, confs: tuple[ListenConfig, ...],
@@ -813,12 +804,12 @@ class Proxy:
                 return
             s.setblocking(False)
             c = Conn(self.next_id, s, peer, lst, lst.name,
-                     up_index=lst.rr % len(lst.upstream_addrs))
+                     up_index=lst.rr % len(lst.upstream_addrs), accepted=time.monotonic())
             self.next_id += 1
             lst.rr += 1
             self.conns[c.id] = c
             self.live[c.listener] = self.live.get(c.listener, 0) + 1
-            self.m.connections_total[c.listener] = self.m.connections_total.get(c.listener, 0) + 1
+            self.m.connections.labels(c.listener).inc()
             log.debug("conn %d from %s on %s", c.id, fmt_addr(peer), c.listener)
             self._try_connect(c)
 
@@ -843,11 +834,11 @@ class Proxy:
             try:
                 u = socket.socket(fam, socket.SOCK_STREAM)
             except OSError as e:  # EMFILE, ENOBUFS: no upstream will do better now
-                self.m.errors_total += 1
                 log.error("conn %d: cannot create an upstream socket: %s", c.id, e)
                 self._reset_conn(c, "no socket", "no_upstream")
                 return
             u.setblocking(False)
+            c.connect_started = time.monotonic()
             rc = u.connect_ex(sa)
             if rc in (0, errno.EINPROGRESS):
                 c.upstream = u
@@ -864,8 +855,9 @@ class Proxy:
         self._reset_conn(c, "no upstream", "no_upstream")
 
     def _connect_failed(self, c: Conn, why: str) -> None:
-        self.m.errors_total += 1
-        log.warning("conn %d: upstream %s: %s", c.id, fmt_addr(c.via.conf.upstreams[c.up_index]), why)
+        name = fmt_addr(c.via.conf.upstreams[c.up_index])
+        self.m.connect_failures.labels(name).inc()
+        log.warning("conn %d: upstream %s: %s", c.id, name, why)
         c.up_index = (c.up_index + 1) % len(c.via.upstream_addrs)
 
     def _drop_upstream(self, c: Conn) -> None:
@@ -906,6 +898,9 @@ class Proxy:
     def _splice(self, c: Conn) -> None:
         self.connecting.pop(c.id, None)
         c.spliced = True
+        c.connect_secs = time.monotonic() - c.connect_started
+        self.m.connect_time.observe(c.connect_secs)
+        c.upstream_name = fmt_addr(c.via.conf.upstreams[c.up_index])
         try:
             if c.via.conf.send_proxy:
                 self._send_proxy_header(c)
@@ -921,12 +916,12 @@ class Proxy:
             # connected. But a refusal for any other reason (EINVAL, ENOSPC,
             # EBUSY, ...) would go on breaking every connection, so each
             # one is a warning, and an unexpected exception an error.
-            self.m.errors_total += 1
             if isinstance(e, OSError):
                 log.warning("conn %d: the engine refused to splice: %s", c.id, e)
             else:
                 log.exception("conn %d: splice failed", c.id)
-            self._reset_conn(c, "splice refused", "splice_refused")
+            gone = _END_CLIENT_ABORT if _was_reset(c.client) else "splice_refused"
+            self._reset_conn(c, "splice refused", gone)
             return
         if c.via.conf.idle is not None:
             now = time.monotonic()
@@ -979,7 +974,7 @@ class Proxy:
                 c.seen, c.quiet_since = total, now
                 self._arm_idle(c, now + idle / IDLE_SLICES)
             elif now - c.quiet_since >= idle:
-                log.info("conn %d: no byte either way for %.1f s (--idle %g): resetting",
+                log.debug("conn %d: no byte either way for %.1f s (--idle %g): resetting",
                          c.id, now - c.quiet_since, idle)
                 self._reset_conn(c, "idle", "idle")
             else:
@@ -997,13 +992,16 @@ class Proxy:
             self.m.bytes_done[d] += sp.bytes
             self.m.kernel_done[d] += sp.kernel_bytes
             reason = reason_name(err)
-            self.m.dissolve[reason] = self.m.dissolve.get(reason, 0) + 1
+            self.m.splice_ends.labels(reason).inc()
             if c.closed:
+                if not self._pending(c):
+                    self._log_end(c)
                 continue
             source, drain = (c.client, c.upstream) if d == UP else (c.upstream, c.client)
             if err == 0 and _reset_not_fin(source, other_done=(DOWN if d == UP else UP) in c.done):
                 log.debug("conn %d: %s splice ended with EOF, but its source was reset", c.id, d)
                 err, reason = errno.ECONNRESET, "ECONNRESET"
+            c.ends[d] = reason
             if err == 0:
                 # A clean end, and only that, is passed on as a FIN.
                 log.debug("conn %d: %s splice ended with EOF: passing the FIN on", c.id, d)
@@ -1018,15 +1016,27 @@ class Proxy:
                 # The source was reset (ECONNRESET), the drain failed
                 # (EPIPE), ...: the stream is cut, and both peers must
                 # learn that it is, not see a FIN that says it is whole.
-                self.m.errors_total += 1
-                log.info("conn %d: %s splice ended with %s: resetting both sides", c.id, d, reason)
-                self._reset_conn(c, f"{d} {reason}", "error")
+                # Whose socket the kernel closed says who aborted.
+                end = (_END_CLIENT_ABORT if _was_reset(c.client) else
+                       _END_UPSTREAM_ABORT if _was_reset(c.upstream) else "error")
+                log.debug("conn %d: %s splice ended with %s: resetting both sides", c.id, d, reason)
+                self._reset_conn(c, f"{d} {reason}", end)
 
-    def _reset_conn(self, c: Conn, why: str, reason: str) -> None:
-        """End `c` with a reset on both sides (see the module docstring)."""
+    def _reset_conn(self, c: Conn, why: str, end: str) -> None:
+        """End `c` with a reset on both sides (see the module docstring).
+
+        `end` is why: a peer's abort (_END_CLIENT_ABORT, _END_UPSTREAM_ABORT)
+        or a reason of the proxy's own, counted in sosplice_resets_total.
+        """
         if c.closed:
             return
-        self.m.resets[reason] = self.m.resets.get(reason, 0) + 1
+        if end == _END_CLIENT_ABORT:
+            self.m.client_aborts.inc()
+        elif end == _END_UPSTREAM_ABORT:
+            self.m.upstream_aborts.inc()
+        else:
+            self.m.resets.labels(end).inc()
+        c.end = end
         self._close(c, why, reset=True)
 
     def _close(self, c: Conn, why: str, reset: bool = False) -> None:
@@ -1035,6 +1045,12 @@ class Proxy:
         if c.closed:
             return
         c.closed = True
+        c.end = c.end or _END_CLOSED
+        c.duration = time.monotonic() - c.accepted
+        self.m.duration.observe(c.duration)
+        for d in (UP, DOWN):
+            # A direction still open now is one the proxy cuts.
+            c.ends.setdefault(d, "cut" if c.spliced else "-")
         log.debug("conn %d closed: %s%s", c.id, why, " (reset)" if reset else "")
         self.conns.pop(c.id, None)
         self.connecting.pop(c.id, None)
@@ -1052,6 +1068,8 @@ class Proxy:
                 _reset(s)
             else:
                 s.close()
+        if not self._pending(c):
+            self._log_end(c)
         self.live[c.listener] -= 1
         if self.fd_full and self._fds_for_one_more():
             self.fd_full = False
@@ -1062,6 +1080,39 @@ class Proxy:
         lst = self.listeners.get(c.via.conf.bind)
         if lst is not None:
             self._resume_accepting(lst)
+
+    def _pending(self, c: Conn) -> bool:
+        """Whether a splice of `c` is still to be reaped (its final byte
+        count still to come)."""
+        return any(sp in self.splices for sp in c.splices)
+
+    def _log_end(self, c: Conn) -> None:
+        """The connection's one line, at info, once it is closed and its
+        splices have ended (so that the byte counts are final).
+
+        logfmt, keys in this order (docs/observing.md): conn client listener
+        upstream connect duration up_bytes down_bytes kernel up_end
+        down_end end. Bytes are exact; kernel is the share of both
+        directions moved without a copy through the proxy, floored (100%:
+        every byte).
+        """
+        if c.logged:
+            return
+        c.logged = True
+        if not log.isEnabledFor(logging.INFO):
+            return
+        moved = {UP: 0, DOWN: 0}
+        kernel = 0
+        for sp, d in zip(c.splices, (UP, DOWN)):   # _splice makes UP first
+            moved[d] = sp.bytes
+            kernel += sp.kernel_bytes
+        total = moved[UP] + moved[DOWN]
+        log.info("conn=%d client=%s listener=%s upstream=%s connect=%s duration=%.3fs "
+                 "up_bytes=%d down_bytes=%d kernel=%s up_end=%s down_end=%s end=%s",
+                 c.id, fmt_peer(c.peer), c.listener or "-", c.upstream_name,
+                 "-" if c.connect_secs is None else f"{c.connect_secs:.6f}s", c.duration,
+                 moved[UP], moved[DOWN], f"{kernel * 100 // total}%" if total else "-",
+                 c.ends[UP], c.ends[DOWN], c.end)
 
     # -- metrics over HTTP, in the same loop ---------------------------------
 
@@ -1086,9 +1137,11 @@ class Proxy:
         self.sel.unregister(s)
         try:
             if buf.startswith(b"GET "):
-                body = self.render_metrics().encode()
-                head = (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+                from .metrics import CONTENT_TYPE
+                body = self.m.render()
+                head = (b"HTTP/1.0 200 OK\r\nContent-Type: %s\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+                        % (CONTENT_TYPE.encode(), len(body)))
             else:
                 body = b"only GET\n"
                 head = b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 9\r\n\r\n"
@@ -1099,12 +1152,14 @@ class Proxy:
         finally:
             s.close()
 
-    def render_metrics(self) -> str:
+    def _live_counts(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """For the metrics at each scrape: connections open, and the bytes
+        (all, in-kernel) that live splices have moved so far, by direction."""
         live, kernel = {UP: 0, DOWN: 0}, {UP: 0, DOWN: 0}
         for sp, (_, d) in list(self.splices.items()):
             live[d] += sp.bytes
             kernel[d] += sp.kernel_bytes
-        return self.m.render(len(self.conns), live, kernel)
+        return len(self.conns), live, kernel
 
     # -- the end -------------------------------------------------------------
 
@@ -1122,6 +1177,12 @@ class Proxy:
         self.sel.close()
         if self.engine is not None:
             self.engine.close()
+            # Closed connections whose splices were not reaped yet: their
+            # lines, with the counts that closing the engine made final.
+            for c in {c for c, _ in self.splices.values()}:
+                if c.closed:
+                    self._log_end(c)
+            self.splices.clear()
             self.engine = None
         self._wake_r.close()
         self._wake_w.close()

@@ -9,6 +9,7 @@ table.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import glob
 import json
@@ -230,6 +231,69 @@ def read_snapshot(prev: Snapshot | None = None, run_dir: str = RUN_DIR,
     return snapshot_from_docs(read_docs(run_dir, pids), prev)
 
 
+# -- connections: the two splices of one socket pair -----------------------------
+
+@dataclass(frozen=True)
+class Pair:
+    """One line of the table: the two splices of one connection, or a
+    splice alone (`b` None).
+
+    `a` carries peer A's bytes to peer B, `b` B's bytes to A. A is the
+    source of the older splice of the two: the one whose source socket has
+    the smaller cookie, as a socket gets its cookie when it is first
+    spliced. For `splicectl proxy` A is the client and B the upstream.
+    """
+    a: Row
+    b: Row | None = None
+
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        return (self.a,) if self.b is None else (self.a, self.b)
+
+    @property
+    def live(self) -> bool:
+        return any(r.state != "done" for r in self.rows)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def kernel_bytes(self) -> int:
+        return sum(r.kernel_bytes for r in self.rows)
+
+    @property
+    def rate(self) -> float:
+        return sum(r.rate for r in self.rows)
+
+    @property
+    def age(self) -> float:
+        return max(r.age for r in self.rows)
+
+
+def pair_rows(rows: Iterable[Row]) -> list[Pair]:
+    """The rows as connections: splice X->Y goes with splice Y->X of the
+    same process (by socket cookie); a row without one stays alone."""
+    rows = list(rows)
+    waiting: dict[tuple[int, int, int], list[Row]] = {}
+    for r in rows:
+        waiting.setdefault((r.pid, r.source_cookie, r.drain_cookie), []).append(r)
+    out = []
+    for r in rows:
+        mine = waiting[(r.pid, r.source_cookie, r.drain_cookie)]
+        if r not in mine:
+            continue            # taken as another row's partner
+        mine.remove(r)
+        back = waiting.get((r.pid, r.drain_cookie, r.source_cookie))
+        if r.source_cookie != r.drain_cookie and back:
+            other = back.pop(0)
+            a, b = (r, other) if r.source_cookie < r.drain_cookie else (other, r)
+            out.append(Pair(a, b))
+        else:
+            out.append(Pair(r))
+    return out
+
+
 # -- formatting ----------------------------------------------------------------
 
 def kernel_share(kernel: int, total: int) -> str:
@@ -246,6 +310,20 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
+def short_bytes(n: float) -> str:
+    """`n` in at most 4 characters, as `ls -h` does: 1023, 1.5K, 97K, 1.0M
+    (powers of 1024)."""
+    if n < 1024:
+        return f"{n:.0f}"
+    for unit in "KMGTPE":
+        n /= 1024
+        if n < 9.95:
+            return f"{n:.1f}{unit}"
+        if n < 999.5:
+            return f"{n:.0f}{unit}"
+    return f"{n:.0f}E"
+
+
 def human_secs(s: float) -> str:
     if s < 10:
         return f"{s:.1f}s"
@@ -254,6 +332,24 @@ def human_secs(s: float) -> str:
     if s < 7200:
         return f"{s / 60:.0f}m"
     return f"{s / 3600:.0f}h"
+
+
+def unmapped(addr: str) -> str:
+    """"[::ffff:10.0.0.1]:80" (an IPv4 peer of a dual-stack socket) as
+    "10.0.0.1:80"; any other address as it is."""
+    if addr.startswith("[::ffff:") and "." in addr:
+        host, sep, port = addr[8:].partition("]:")
+        if sep:
+            return f"{host}:{port}"
+    return addr
+
+
+def shrink(text: str, width: int) -> str:
+    """`text` in `width` characters: cut on the left, where an address
+    says least (its port and last digits are kept)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[len(text) - width + 1:] if width > 1 else "…"
 
 
 def limit_text(r: Row) -> str:
@@ -265,101 +361,220 @@ def limit_text(r: Row) -> str:
     return "/".join(parts) or "-"
 
 
-def state_text(r: Row) -> Text:
+def _state_word(r: Row) -> str:
     if r.state == "active":
-        return Text("active" + ("*" if r.throttled else ""), style="green")
+        return "active" + ("*" if r.throttled else "")
     if r.state == "dissolving":
-        return Text(f"flush {r.reason}", style="yellow")
-    style = "dim" if r.error == 0 else "red"
-    return Text(r.reason or r.state, style=style)
+        return f"flush {r.reason}"
+    return r.reason or r.state
+
+
+def state_text(p: Pair) -> Text:
+    """One word if both directions agree, else "A->B state/A<-B state"."""
+    words = [_state_word(r) for r in p.rows]
+    text = words[0] if len(set(words)) == 1 else "/".join(words)
+    if any(r.state == "active" for r in p.rows):
+        style = "green"
+    elif any(r.state == "dissolving" for r in p.rows):
+        style = "yellow"
+    else:
+        style = "dim" if all(r.error == 0 for r in p.rows) else "red"
+    return Text(text, style=style)
 
 
 SORT_KEYS = {
-    "bytes": lambda r: (-r.bytes, r.pid, r.source_cookie),
-    "rate": lambda r: (-r.rate, -r.bytes, r.pid, r.source_cookie),
-    "age": lambda r: (-r.age, r.pid, r.source_cookie),
+    "bytes": lambda p: (-p.bytes, p.a.pid, p.a.source_cookie),
+    "rate": lambda p: (-p.rate, -p.bytes, p.a.pid, p.a.source_cookie),
+    "age": lambda p: (-p.age, p.a.pid, p.a.source_cookie),
 }
+
+MIN_ADDR = 9            # an address column is never cut below "…1]:65535"
+SPARK = "▁▂▃▄▅▆▇█"
+SPARK_SPAN, SPARK_WIDTH = 60.0, 30   # seconds, characters: 2 s each
+
+
+def total_rate(snap: Snapshot) -> float:
+    """Bytes per second through every live splice of `snap`."""
+    return sum(r.rate for r in snap.rows if r.state != "done")
+
+
+def sparkline(history: Iterable[tuple[float, float]], now: float) -> str:
+    """SPARK_WIDTH characters for the last SPARK_SPAN seconds of
+    (time, bytes/s) readings, scaled to their peak: the highest reading in
+    each slice; a slice with none takes the next reading's (a reading's
+    rate covers the time since the one before); blank before the first."""
+    slices: list[float | None] = [None] * SPARK_WIDTH
+    for t, v in history:
+        age = now - t
+        if -1.0 < age < SPARK_SPAN:
+            i = SPARK_WIDTH - 1 - min(SPARK_WIDTH - 1, max(0, int(age / SPARK_SPAN * SPARK_WIDTH)))
+            slices[i] = max(slices[i] or 0.0, v)
+    first = next((i for i, v in enumerate(slices) if v is not None), SPARK_WIDTH)
+    nxt = None
+    for i in range(SPARK_WIDTH - 1, first - 1, -1):
+        if slices[i] is None:
+            slices[i] = nxt
+        nxt = slices[i]
+    peak = max((v for v in slices if v is not None), default=0.0)
+    out = []
+    for v in slices:
+        if v is None:
+            out.append(" ")
+        else:
+            out.append(SPARK[min(len(SPARK) - 1, int(v / peak * len(SPARK)))] if peak > 0 else SPARK[0])
+    return "".join(out)
+
+
+def _pack(segments: list[Text], width: int) -> Text:
+    """The segments on as few lines of at most `width` as fit, two spaces
+    apart; a segment is never split."""
+    lines: list[Text] = []
+    cur = Text()
+    for seg in segments:
+        if cur.plain and len(cur.plain) + 2 + len(seg.plain) > width:
+            lines.append(cur)
+            cur = Text()
+        if cur.plain:
+            cur.append("  ")
+        cur.append_text(seg)
+    lines.append(cur)
+    return Text("\n").join(lines)
 
 
 def render(snap: Snapshot, sort: str = "bytes", wide: bool = False, title: str | None = None,
-           max_ended: int = 10) -> Group:
-    """A pure function of the snapshot: the header line and the table.
+           max_ended: int = 10, width: int = 80,
+           history: Iterable[tuple[float, float]] | None = None, keys: str = "") -> Group:
+    """A pure function of the snapshot: header lines, the table, a legend.
 
-    Live splices first, then at most `max_ended` dissolved ones (-1: all)."""
-    rows = sorted(snap.rows, key=SORT_KEYS[sort])
-    live = [r for r in rows if r.state != "done"]
-    ended = [r for r in rows if r.state == "done"]
-    total_rate = sum(r.rate for r in live)
-    moved, kern = sum(r.bytes for r in rows), sum(r.kernel_bytes for r in rows)
-    head = Text.assemble(
-        (title + "  " if title else "", "bold"),
-        f"{len(live)} live, {len(rows) - len(live)} ended splices in {snap.engines} engine(s)  ",
-        f"moved {human_bytes(moved)}B" + (f" ({kernel_share(kern, moved)} in kernel)  " if moved else "  "),
-        f"now {human_bytes(total_rate)}B/s  ",
-        (time.strftime("%H:%M:%S", time.localtime(snap.time)), "dim"),
-    )
-    by_listener = listener_totals(rows)
-    if by_listener is not None:
-        head = Text.assemble(head, "\n", by_listener)
-    t = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold", expand=False)
-    t.add_column("PID", justify="right", no_wrap=True)
-    if wide:
-        t.add_column("PROCESS", no_wrap=True, overflow="ellipsis", max_width=24)
-        t.add_column("SOURCE (local<-peer)", no_wrap=True)
-        t.add_column("DRAIN (local->peer)", no_wrap=True)
-    else:
-        t.add_column("FROM", no_wrap=True, overflow="ellipsis", min_width=9)
-        t.add_column("TO", no_wrap=True, overflow="ellipsis", min_width=9)
-    t.add_column("BYTES", justify="right", no_wrap=True)
-    t.add_column("KERN", justify="right", no_wrap=True)
-    t.add_column("RATE" if not wide else "RATE/s", justify="right", no_wrap=True)
-    t.add_column("IDLE", justify="right", no_wrap=True)
-    t.add_column("LIMIT", justify="right", no_wrap=True)
-    t.add_column("STATE", no_wrap=True, overflow="ellipsis")
-    if wide:
-        t.add_column("AGE", justify="right", no_wrap=True)
-        t.add_column("COOKIES", no_wrap=True)
+    One row per connection (`Pair`), live ones first, then at most
+    `max_ended` ended ones (-1: all). At most `width` columns (not
+    counting --wide): the addresses give way before any number does, and
+    IPv4-mapped addresses are shown as IPv4. `history`, (time, bytes/s)
+    readings, adds a sparkline of the last minute (top); `keys` is a
+    reminder of the keys, put with the legend.
+    """
+    pairs = sorted(pair_rows(snap.rows), key=SORT_KEYS[sort])
+    live = [p for p in pairs if p.live]
+    ended = [p for p in pairs if not p.live]
     hidden = 0 if max_ended < 0 else max(0, len(ended) - max_ended)
-    for r in live + (ended if max_ended < 0 else ended[:max_ended]):
-        rate = human_bytes(r.rate) + ("" if r.rate_measured else "~")
-        cells: list[Any] = [str(r.pid)]
-        if wide:
-            cells += [f"{r.proc} ({r.backend})", f"{r.source_local}<-{r.source_peer}",
-                      f"{r.drain_local}->{r.drain_peer}"]
-        else:
-            cells += [r.source_peer, r.drain_peer]
-        cells += [human_bytes(r.bytes), kernel_share(r.kernel_bytes, r.bytes) or "-", rate, human_secs(r.idle_for), limit_text(r), state_text(r)]
-        if wide:
-            cells += [human_secs(r.age), f"{r.source_cookie:#x}->{r.drain_cookie:#x}"]
-        t.add_row(*cells)
-    if not rows:
-        return Group(head, Text("no splices", style="dim"))
-    foot = Text(("" if not hidden else f"+{hidden} ended not shown (--all)\n")
-                + ("FROM/TO: source/drain peer; KERN: share moved in the kernel; ~ = average rate; "
-                   "* = copy path" if not wide else ""),
-                style="dim")
-    return Group(head, t, foot)
+    shown = live + (ended if max_ended < 0 else ended[:max_ended])
+    pids = sorted({r.pid for r in snap.rows})
+    one_pid = len(pids) == 1 and not wide
+
+    rate = total_rate(snap)
+    moved, kern = sum(r.bytes for r in snap.rows), sum(r.kernel_bytes for r in snap.rows)
+    singles = sum(1 for p in pairs if p.b is None)
+    clock = time.strftime("%H:%M:%S", time.localtime(snap.time))
+    segs = [Text.assemble((title, "bold"), " ", (clock, "dim")) if title else Text(clock, style="dim")]
+    segs.append(Text(f"{len(live)} live, {len(ended)} ended connections"
+                     + (f" ({singles} one-way)" if singles else "")))
+    if one_pid:
+        r0 = snap.rows[0]
+        segs.append(Text(f"pid {r0.pid} {r0.proc}" + (f" ({r0.backend})" if r0.backend else "")))
+    else:
+        segs.append(Text(f"{len(pids)} processes" if pids else f"{snap.engines} engines"))
+    if moved:
+        segs.append(Text(f"moved {human_bytes(moved)}B, {kernel_share(kern, moved)} in kernel"))
+    now = Text(f"now {human_bytes(rate)}B/s")
+    if history is None:
+        segs.append(now)
+    head = [_pack(segs, width)]
+    by_listener = listener_totals(pairs)
+    if by_listener:
+        head.append(_pack(by_listener, width))
+    if history is not None:
+        hist = list(history)
+        peak = max((v for t, v in hist if snap.time - t < SPARK_SPAN), default=0.0)
+        head.append(Text.assemble(now, "  last 60 s ", (sparkline(hist, snap.time), "cyan"),
+                                  f" peak {human_bytes(peak)}B/s"))
+    legend = [Text(f"+{hidden} ended not shown (--all)")] if hidden else []
+    legend += [Text("A, B: peers (proxy: client, upstream)"), Text("A→B A←B: bytes"),
+               Text("KERN: in-kernel share"), Text("~ average"), Text("* bytes wait")]
+    if keys:
+        legend.append(Text(keys))
+    foot = _pack(legend, width)
+    foot.stylize("dim")
+    if not snap.rows:
+        return Group(*head, Text("no splices", style="dim"))
+
+    # The columns as text first: their widths decide how much room is
+    # left for the two address columns, which are cut to fit.
+    addr_a = [unmapped(p.a.source_peer) for p in shown]
+    addr_b = [unmapped(p.a.drain_peer) for p in shown]
+    if wide:
+        addr_a = [f"{unmapped(p.a.source_local)}<-{a}" for p, a in zip(shown, addr_a)]
+        addr_b = [f"{unmapped(p.a.drain_local)}->{b}" for p, b in zip(shown, addr_b)]
+    cols: list[tuple[str, str, list]] = []        # header, justify, cells
+    if not one_pid:
+        cols.append(("PID", "right", [str(p.a.pid) for p in shown]))
+    if wide:
+        cols.append(("PROCESS", "left", [f"{p.a.proc} ({p.a.backend})"[:24] for p in shown]))
+    cols.append(("A (local<-peer)" if wide else "A", "left", addr_a))
+    cols.append(("B (local->peer)" if wide else "B", "left", addr_b))
+    cols.append(("A→B", "right", [short_bytes(p.a.bytes) for p in shown]))
+    cols.append(("A←B", "right", [short_bytes(p.b.bytes) if p.b else "" for p in shown]))
+    cols.append(("KERN", "right", [kernel_share(p.kernel_bytes, p.bytes) or "-" for p in shown]))
+    cols.append(("RATE", "right", [short_bytes(p.rate) + ("" if all(r.rate_measured for r in p.rows)
+                                                          else "~") for p in shown]))
+    cols.append(("IDLE", "right", [human_secs(min(r.idle_for for r in p.rows)) if p.live else "-"
+                                   for p in shown]))
+    if wide or any(r.max or r.idle for p in shown for r in p.rows):
+        cols.append(("LIMIT", "right", ["|".join(dict.fromkeys(limit_text(r) for r in p.rows))
+                                        for p in shown]))
+    cols.append(("STATE", "left", [state_text(p) for p in shown]))
+    if wide:
+        cols.append(("AGE", "right", [human_secs(p.age) for p in shown]))
+        cols.append(("COOKIES", "left", [f"{p.a.source_cookie:#x}<>{p.a.drain_cookie:#x}"
+                                         for p in shown]))
+
+    def natural(header: str, cells: list) -> int:
+        return max([len(header)] + [len(c.plain if isinstance(c, Text) else c) for c in cells])
+
+    widths = [natural(h, c) for h, _, c in cols]
+    ia = next(i for i, (h, _, _) in enumerate(cols) if h.startswith("A"))
+    if not wide:
+        room = width - (len(cols) - 1) - sum(w for i, w in enumerate(widths) if i not in (ia, ia + 1))
+        na, nb = widths[ia], widths[ia + 1]
+        if na + nb > room:
+            wa = max(MIN_ADDR, min(na, max(room // 2, room - nb)))
+            wb = max(MIN_ADDR, min(nb, room - wa))
+            widths[ia], widths[ia + 1] = wa, wb
+            for i, w in ((ia, wa), (ia + 1, wb)):
+                cols[i] = (cols[i][0], cols[i][1], [shrink(c, w) for c in cols[i][2]])
+
+    t = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold",
+              expand=False, collapse_padding=True)
+    for (header, justify, _), w in zip(cols, widths):
+        t.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis",
+                     min_width=w, max_width=w)
+    for i in range(len(shown)):
+        t.add_row(*(c[i] for _, _, c in cols))
+    return Group(*head, t, foot)
 
 
-def listener_totals(rows: Iterable[Row]) -> Text | None:
-    """"listeners: 127.0.0.1:8080 4 live 1.5MB, [::]:8443 0 live 10.0MB":
-    live splices (two per connection) and bytes moved per proxy listener;
-    None when no splice has a listener."""
+def listener_totals(pairs: Iterable[Pair]) -> list[Text]:
+    """["listeners: 127.0.0.1:8080 4 live 1.5MB", "[::]:8443 0 live 10.0MB"]:
+    live connections and bytes moved per proxy listener, one header
+    segment each; [] when no splice has a listener (its label)."""
     live: dict[str, int] = {}
     moved: dict[str, int] = {}
-    for r in rows:
-        if r.listener:
-            live[r.listener] = live.get(r.listener, 0) + (r.state != "done")
-            moved[r.listener] = moved.get(r.listener, 0) + r.bytes
-    if not live:
-        return None
-    parts = [f"{name} {live[name]} live {human_bytes(moved[name])}B" for name in sorted(live)]
-    return Text("listeners: " + ", ".join(parts), style="dim")
+    for p in pairs:
+        name = next((r.listener for r in p.rows if r.listener), "")
+        if name:
+            live[name] = live.get(name, 0) + p.live
+            moved[name] = moved.get(name, 0) + p.bytes
+    segs = [Text(f"{name} {live[name]} live {human_bytes(moved[name])}B", style="dim")
+            for name in sorted(live)]
+    if segs:
+        segs[0] = Text("listeners: ", style="dim") + segs[0]
+    return segs
 
 
 def _console(wide: bool) -> Console:
+    """80 columns at most (the terminal's width if narrower); with --wide
+    as many as the table takes. Piped output has no colours."""
     c = Console(highlight=False, soft_wrap=False)
-    return Console(highlight=False, width=max(c.width, 160) if wide else min(c.width, 80))
+    return Console(highlight=False, width=max(c.width, 240) if wide else min(c.width, 80))
 
 
 # -- commands ------------------------------------------------------------------
@@ -367,11 +582,13 @@ def _console(wide: bool) -> Console:
 def ls(args) -> int:
     snap = snapshot_from_docs(read_fresh_docs(pids=args.pid))
     if getattr(args, "json", False):
-        rows = sorted(snap.rows, key=SORT_KEYS[args.sort])
+        rows = sorted(snap.rows, key=lambda r: SORT_KEYS[args.sort](Pair(r)))
         json.dump([r.as_json() for r in rows], sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    _console(args.wide).print(render(snap, args.sort, args.wide, max_ended=-1 if args.all else 10))
+    console = _console(args.wide)
+    console.print(render(snap, args.sort, args.wide, max_ended=-1 if args.all else 10,
+                         width=console.width))
     return 0
 
 
@@ -408,19 +625,48 @@ class _Keys:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
 
 
-def top(args) -> int:
-    from rich.live import Live
+TOP_KEYS = "keys: b r a sort by bytes, rate, age; q quits"
 
+
+def top(args) -> int:
+    """Redraw every `args.interval` seconds in place, or, with --batch or
+    when stdout is not a terminal, print one frame after another, each
+    ending with a newline (as top -b)."""
+    batch = args.batch or not sys.stdout.isatty()
     console = _console(args.wide)
     sort = args.sort
-    keys = _Keys()
+    history: collections.deque[tuple[float, float]] = collections.deque()
     snap = snapshot_from_docs(read_fresh_docs(pids=args.pid))
+
+    def frame() -> Group:
+        history.append((snap.time, total_rate(snap)))
+        while history and snap.time - history[0][0] > SPARK_SPAN:
+            history.popleft()
+        return render(snap, sort, args.wide, f"splicectl top every {args.interval:g} s by {sort}",
+                      -1 if args.all else 10, console.width, history,
+                      "" if batch else TOP_KEYS)
+
     n = 0
+    if batch:
+        try:
+            while True:
+                console.print(frame())
+                console.file.flush()
+                n += 1
+                if args.count and n >= args.count:
+                    return 0
+                time.sleep(args.interval)
+                ask()
+                snap = read_snapshot(snap, pids=args.pid)
+        except KeyboardInterrupt:
+            return 0
+
+    from rich.live import Live
+    keys = _Keys()
     try:
         with Live(console=console, auto_refresh=False, transient=False) as live:
             while True:
-                title = f"splicectl top  sort={sort}  (q quits, b/r/a sorts)"
-                live.update(render(snap, sort, args.wide, title, -1 if args.all else 10), refresh=True)
+                live.update(frame(), refresh=True)
                 n += 1
                 if args.count and n >= args.count:
                     break
@@ -433,9 +679,8 @@ def top(args) -> int:
                         break
                     if k in ("b", "r", "a"):
                         sort = {"b": "bytes", "r": "rate", "a": "age"}[k]
-                        live.update(render(snap, sort, args.wide,
-                                           f"splicectl top  sort={sort}  (q quits, b/r/a sorts)",
-                                           -1 if args.all else 10), refresh=True)
+                        history.pop()      # the same reading, drawn again
+                        live.update(frame(), refresh=True)
                 if quit_:
                     break
                 ask()

@@ -291,7 +291,7 @@ def test_several_listeners_one_engine_counted_per_listener(upstream, file_proxie
         assert set(ports.items()) <= got, rows
         r = subprocess.run([PY, "-m", "splicectl", "ls"], cwd=ROOT, env=px.env,
                            capture_output=True, text=True, timeout=30)
-        assert f"listeners: {name_a} 2 live" in r.stdout and f"{name_b} 2 live" in r.stdout, r.stdout
+        assert f"listeners: {name_a} 1 live" in r.stdout and f"{name_b} 1 live" in r.stdout, r.stdout
     finally:
         for s in held:
             s.close()

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,7 +30,8 @@ def splicectl(*args: str, **kw) -> subprocess.CompletedProcess:
 
 class Upstream:
     """First byte picks the mode: b'E' echoes, b'H' replies with the sha256
-    of everything after it once the client half-closes."""
+    of everything after it once the client half-closes, b'R' resets the
+    connection once the client has half-closed."""
 
     def __init__(self) -> None:
         self.ls = socket.create_server(("127.0.0.1", 0))
@@ -57,6 +62,11 @@ class Upstream:
                     while d := s.recv(1 << 16):
                         h.update(d)
                     s.sendall(h.hexdigest().encode())
+                elif mode == b"R":
+                    while s.recv(1 << 16):
+                        pass
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
                 s.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
@@ -71,13 +81,18 @@ class Upstream:
 
 
 class Proxy:
-    def __init__(self, *args: str) -> None:
-        self.p = subprocess.Popen([PY, "-m", "splicectl", "proxy", "127.0.0.1:0", *args], cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`splicectl proxy LISTEN *args`; its stderr (a line per connection at
+    the default level) goes to a file, never a pipe that could fill."""
+
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0", env: dict | None = None) -> None:
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.p = subprocess.Popen([PY, "-m", "splicectl", "proxy", listen, *args], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
         line = self.p.stdout.readline()
         if not line.startswith("listening on "):
             self.p.kill()
-            raise AssertionError(f"proxy did not start: {line!r} {self.p.stderr.read()}")
+            self.p.wait()
+            raise AssertionError(f"proxy did not start: {line!r} {self.stderr()}")
         self.banner = line.strip()
         host_port = line.split()[2].rstrip(",")
         host, _, port = host_port.rpartition(":")
@@ -93,7 +108,16 @@ class Proxy:
                 self.p.kill()
                 self.p.wait()
             self.p.stdout.close()
-            self.p.stderr.close()
+            if not self.err.closed:
+                self.err_text = self.stderr()
+                self.err.close()
+
+    def stderr(self) -> str:
+        """What the proxy wrote to stderr so far (all of it once stopped)."""
+        if self.err.closed:
+            return self.err_text
+        self.err.seek(0)
+        return self.err.read()
 
 
 @pytest.fixture
@@ -356,10 +380,10 @@ def test_top_in_tmux_shows_rows_and_quits_on_q(upstream, proxies):
             return subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
                                   capture_output=True, text=True, timeout=10).stdout
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and screen().count("active") < 4:
+        while time.monotonic() < deadline and screen().count("active") < 2:
             time.sleep(0.2)
         text = screen()
-        assert text.count("active") >= 4, text  # two splices per connection
+        assert text.count("active") == 2, text  # one row per connection
         ports = [str(s.getsockname()[1]) for s in conns]
         assert all(p in text for p in ports), text
         subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True, timeout=10)
@@ -460,6 +484,275 @@ def test_metrics_count_bytes_and_kernel_bytes(upstream, proxies, engine):
         assert 0 <= kernel <= total, m
         if engine == "worker":
             assert kernel == total, m
+
+
+# -- what operators see: the log line, the metrics, ls and top (issue 16) -------
+
+def _log_lines(px: Proxy, n: int, timeout: float = 15) -> list[dict[str, str]]:
+    """The proxy's first `n` per-connection lines, as dicts (logfmt)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in px.stderr().splitlines() if " conn=" in line]
+        if len(lines) >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(lines) == n, px.stderr()
+    out = []
+    for line in lines:
+        assert " INFO " in line, line
+        fields = line.split(" INFO ", 1)[1].split()
+        assert all("=" in f for f in fields), line
+        out.append(dict(f.split("=", 1) for f in fields))
+    return out
+
+
+def _scrape(port: int) -> dict[str, list]:
+    """The metrics, parsed by prometheus_client's own parser: family name
+    (as the parser names it) -> samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        head, body = recv_all(s).decode().split("\r\n\r\n", 1)
+    assert head.startswith("HTTP/1.0 200") and "text/plain; version=0.0.4" in head, head
+    return {f.name: f.samples for f in text_string_to_metric_families(body)}
+
+
+def _sample(fams: dict[str, list], name: str, **labels: str) -> float | None:
+    for samples in fams.values():
+        for smp in samples:
+            if smp.name == name and smp.labels == labels:
+                return smp.value
+    return None
+
+
+@pytest.mark.parametrize("engine", ["bpf", "worker"])
+def test_log_line_and_metrics_of_each_end(upstream, proxies, engine):
+    """One connection through a failed upstream then a clean one, one the
+    client resets, one the upstream resets: one log line each, whose fields
+    are the truth (addresses, exact bytes, why each direction ended), and
+    metrics that keep the failed connect, the client's abort and the
+    upstream's apart."""
+    dead = socket.create_server(("127.0.0.1", 0))
+    dead_addr = "%s:%d" % dead.getsockname()
+    dead.close()
+    port = _free_port()
+    px = proxies(dead_addr, upstream.addr, "--no-check", "--backend", engine,
+                 "--metrics", f"127.0.0.1:{port}")
+    data = random.Random(16).randbytes(300_000)
+    clients = []
+
+    # 1 (and 3): round robin starts at the dead upstream: refused, then
+    # the next one.
+    with socket.create_connection(px.addr, timeout=30) as s:
+        clients.append("%s:%d" % s.getsockname())
+        time.sleep(0.2)                     # a duration the line must show
+        s.sendall(b"E" + data)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == data
+    # 2: the client resets once it has its echo.
+    s = socket.create_connection(px.addr, timeout=30)
+    clients.append("%s:%d" % s.getsockname())
+    s.sendall(b"E" + data)
+    got = b""
+    while len(got) < len(data):
+        got += s.recv(1 << 16)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    # 3: the upstream resets once the client has half-closed.
+    with socket.create_connection(px.addr, timeout=30) as s:
+        clients.append("%s:%d" % s.getsockname())
+        s.sendall(b"R" + data)
+        s.shutdown(socket.SHUT_WR)
+        with pytest.raises(ConnectionResetError):
+            recv_all(s)
+
+    lines = sorted(_log_lines(px, 3), key=lambda f: int(f["conn"]))
+    listener = "%s:%d" % px.addr
+    for f, client in zip(lines, clients):
+        assert (f["client"], f["listener"], f["upstream"]) == (client, listener, upstream.addr), f
+        assert re.fullmatch(r"\d+\.\d{6}s", f["connect"]) and re.fullmatch(r"\d+\.\d{3}s", f["duration"]), f
+        assert re.fullmatch(r"\d{1,3}%", f["kernel"]) and int(f["kernel"][:-1]) <= 100, f
+    one, two, three = lines
+    assert (one["up_bytes"], one["down_bytes"]) == (str(len(data) + 1), str(len(data))), one
+    assert float(one["duration"][:-1]) >= 0.2, one
+    assert (one["up_end"], one["down_end"], one["end"]) == ("EOF", "EOF", "closed"), one
+    assert (two["up_bytes"], two["down_bytes"]) == (str(len(data) + 1), str(len(data))), two
+    assert two["end"] == "client_abort" and "EOF" not in (two["up_end"], two["down_end"]), two
+    assert three["up_bytes"] == str(len(data) + 1) and three["down_bytes"] == "0", three
+    assert three["end"] == "upstream_abort" and three["up_end"] == "EOF", three
+    if engine == "worker":
+        assert {f["kernel"] for f in lines} == {"100%"}, lines
+
+    fams = _scrape(port)
+    want = {"sosplice_info", "sosplice_connections", "sosplice_connections_active",
+            "sosplice_bytes", "sosplice_kernel_bytes", "sosplice_splice_ends",
+            "sosplice_upstream_connect_failures", "sosplice_client_aborts",
+            "sosplice_upstream_aborts", "sosplice_resets",
+            "sosplice_connection_duration_seconds", "sosplice_upstream_connect_seconds"}
+    assert set(want) <= set(fams), sorted(fams)
+    info = [smp for smp in fams["sosplice_info"] if smp.name == "sosplice_info"]
+    assert len(info) == 1 and info[0].value == 1 and info[0].labels["backend"] == engine, info
+    assert info[0].labels["version"], info
+    m = lambda name, **labels: _sample(fams, name, **labels)  # noqa: E731
+    assert m("sosplice_connections_total", listener=listener) == 3
+    assert m("sosplice_connections_active") == 0
+    # Round robin: connections 1 and 3 tried the dead upstream first.
+    assert m("sosplice_upstream_connect_failures_total", upstream=dead_addr) == 2
+    assert m("sosplice_upstream_connect_failures_total", upstream=upstream.addr) is None
+    assert m("sosplice_client_aborts_total") == 1
+    assert m("sosplice_upstream_aborts_total") == 1
+    assert fams["sosplice_resets"] == []             # the proxy cut nothing itself
+    assert m("sosplice_bytes_total", direction="up") == 3 * (len(data) + 1)
+    assert m("sosplice_bytes_total", direction="down") == 2 * len(data)
+    ends = {smp.labels["reason"]: smp.value for smp in fams["sosplice_splice_ends"]
+            if smp.name == "sosplice_splice_ends_total"}
+    assert sum(ends.values()) == 6 and ends["EOF"] >= 3, ends
+    assert m("sosplice_connection_duration_seconds_count") == 3
+    assert m("sosplice_connection_duration_seconds_bucket", le="0.1") <= 2   # one took 0.2 s
+    assert m("sosplice_upstream_connect_seconds_count") == 3
+    assert px.stop() == 0
+
+
+def test_log_level_warning_keeps_only_problems(upstream, proxies):
+    """--log-level warning: no line per connection."""
+    px = proxies(upstream.addr, "--log-level", "warning")
+    assert one_client(px.addr, random.Random(1)) is None
+    time.sleep(0.5)
+    assert px.stop() == 0
+    assert "conn=" not in px.stderr()
+
+
+def _view(*args: str, env: dict) -> str:
+    r = subprocess.run([PY, "-m", "splicectl", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.fixture
+def dual_stack(upstream, tmp_path):
+    """Two proxies with a run dir of their own, one on a dual-stack [::]
+    listener, each with two connections over IPv4 (::ffff:-mapped on the
+    first) that have echoed 100,000 bytes each way. Yields (env for ls and
+    top, client ports, listener ports, the proxies)."""
+    env = dict(os.environ, SOSPLICE_RUN_DIR=str(tmp_path / "run"), COLUMNS="200")
+    pxs, conns = [], []
+    try:
+        for listen in ("[::]:0", "127.0.0.1:0"):
+            pxs.append(Proxy(upstream.addr, "--backend", "worker", listen=listen, env=env))
+            for _ in range(2):
+                s = socket.create_connection(("127.0.0.1", pxs[-1].addr[1]), timeout=10)
+                conns.append(s)
+                s.sendall(b"E" + b"x" * 99_999)
+                got = 0
+                while got < 99_999:
+                    got += len(s.recv(1 << 16))
+        yield env, [s.getsockname()[1] for s in conns], [p.addr[1] for p in pxs], pxs
+    finally:
+        for s in conns:
+            s.close()
+        for p in pxs:
+            p.stop(signal.SIGKILL)
+
+
+def test_ls_fits_80_columns_with_a_dual_stack_listener(dual_stack):
+    """ls in a terminal 200 wide: at most 80 columns, IPv4-mapped peers as
+    IPv4, one row per connection with both byte counts uncut, and every
+    column explained in --help."""
+    env, ports, _, pxs = dual_stack
+    out = _view("ls", env=env)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, out
+    assert "::ffff:" not in out and "…" not in out, out
+    head = next(line for line in lines if line.lstrip().startswith("PID"))
+    assert head.split() == ["PID", "A", "B", "A→B", "A←B", "KERN", "RATE", "IDLE", "STATE"], head
+    assert "2 processes" in out and "4 live, 0 ended connections" in out, out
+    for port in ports:
+        rows = [line for line in lines if f"127.0.0.1:{port} " in line]
+        assert len(rows) == 1, (port, out)         # both directions on one row
+        pid, a, b, up, down, kern, *_ = rows[0].split()
+        assert int(pid) in {p.p.pid for p in pxs} and b.startswith("127.0.0.1:"), rows[0]
+        assert (up, down, kern) == ("98K", "98K", "100%"), rows[0]   # 100,000 bytes, worker
+    helptext = _view("ls", "--help", env=env)
+    for word in head.split() + ["active*", "flush", "EOF", "/run/sosplice", "SOSPLICE_RUN_DIR"]:
+        assert word in helptext, word
+    assert "q  quit" in _view("top", "--help", env=env)
+
+
+def test_render_cuts_long_addresses_before_numbers():
+    """Addresses too long for 80 columns lose their left end, never their
+    port, and no number is cut (a pure function: no kernel involved)."""
+    from splicectl import view
+    a, b = "2001:db8:aaaa:bbbb:cccc:dddd:eeee:1", "2001:db8:1111:2222:3333:4444:5555:2"
+    doc = {"pid": 4194304, "time": time.time(), "splices": [
+        {"source": [[b, 443], [a, 50001]], "drain": [[b, 40000], [b, 8443]],
+         "source_cookie": 1, "drain_cookie": 2, "bytes": 123_456_789_012, "kernel_bytes": 0,
+         "state": "active", "age": 3.0},
+        {"source": [[b, 40000], [b, 8443]], "drain": [[b, 443], [a, 50001]],
+         "source_cookie": 2, "drain_cookie": 1, "bytes": 5, "kernel_bytes": 5,
+         "state": "done", "error": 104, "age": 3.0}]}
+    console = view.Console(width=80, record=True, file=io.StringIO())
+    console.print(view.render(view.snapshot_from_docs([doc]), width=80))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80, lines
+    assert "pid 4194304" in lines[0], lines
+    row = next(line for line in lines if ":50001 " in line)
+    assert ":50001 " in row and "…" in row and ":8443 " in row, row
+    assert " 115G " in row and " 5 " in row and " 0% " in row and "active/ECONNRESET" in row, row
+
+
+def test_top_batch_prints_whole_frames_to_a_pipe(dual_stack):
+    """top | cat (and --batch): one frame per interval, each ending with a
+    newline, no terminal escapes, and the rows in every frame."""
+    env, ports, lports, pxs = dual_stack
+    for extra in ([], ["--batch"]):
+        r = subprocess.run(f"{PY} -m splicectl top 0.3 3 {' '.join(extra)} | cat", shell=True,
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout
+        assert out.endswith("\n") and "\x1b" not in out, repr(out[-200:])
+        frames = out.split("splicectl top every 0.3 s by bytes")
+        assert frames[0] == "" and len(frames) == 4, out
+        for f in frames[1:]:
+            assert f.endswith("\n"), repr(f)
+            assert "last 60 s" in f and all(f"127.0.0.1:{p} " in f for p in ports), f
+            assert max(len(line) for line in f.splitlines()) <= 80, f
+
+
+def test_sparkline_scales_to_the_peak_and_forgets_the_old():
+    """One character per 2 s of the last minute, the peak full height,
+    blank before the first reading, readings older than a minute gone."""
+    from splicectl import view
+    now = 1000.0
+    hist = [(now - 120, 1e12)] + [(now - 40 + i, float(i)) for i in range(41)]   # 0 .. 40 B/s
+    line = view.sparkline(hist, now)
+    assert len(line) == view.SPARK_WIDTH == 30
+    assert line[:9] == " " * 9 and line[-1] == "█", repr(line)       # 1e12 forgotten
+    assert list(line[10:]) == sorted(line[10:]) and line[10] == "▁", repr(line)
+    assert view.sparkline([], now) == " " * 30
+    assert view.sparkline([(now, 0.0)], now) == " " * 29 + "▁"
+
+
+def test_log_lines_of_connections_cut_at_exit(upstream, proxies):
+    """Connections still open when --grace runs out are reset at exit; each
+    still gets its line, with its exact bytes, both directions `cut` and
+    end=grace (written after the engine has closed)."""
+    px = proxies(upstream.addr, "--grace", "0.3", "--backend", "worker")
+    conns = [socket.create_connection(px.addr, timeout=10) for _ in range(2)]
+    ports = sorted(s.getsockname()[1] for s in conns)
+    for s in conns:
+        s.sendall(b"Eping")
+        assert s.recv(4) == b"ping"
+    try:
+        assert px.stop(signal.SIGTERM) == 0
+        lines = _log_lines(px, 2, timeout=0)
+    finally:
+        for s in conns:
+            s.close()
+    assert sorted(int(f["client"].rsplit(":", 1)[1]) for f in lines) == ports, lines
+    for f in lines:
+        assert (f["up_bytes"], f["down_bytes"], f["up_end"], f["down_end"], f["end"]) == \
+            ("5", "4", "cut", "cut", "grace"), f
 
 
 @pytest.mark.parametrize("engine", ["bpf", "worker"])
