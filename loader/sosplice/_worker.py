@@ -354,7 +354,7 @@ class _Worker:
                 except (BlockingIOError, InterruptedError):
                     n = 0
                 except OSError as e:
-                    self.mark_error(rec.dst_cookie, e.errno)
+                    self.mark_error(rec.dst_cookie, e.errno, rec.dst)
                     self.drain_died(rec)
                     return
                 rec.sent += n
@@ -378,6 +378,8 @@ class _Worker:
                             return  # the source failed: dissolved
                     if n == 0:
                         rec.eof = True
+                        if not rec.src_error and self.reset_unseen(rec):
+                            rec.src_error = errno.ECONNRESET
                         if rec.src_error:  # the end of a cut stream, not a FIN
                             self.dissolve(rec, rec.src_error)
                             return
@@ -463,15 +465,36 @@ class _Worker:
             rec.error = error
         self.step(rec)
 
-    def mark_error(self, cookie: int, err: int | None) -> None:
-        """A send to `cookie` failed with `err`: if that was its
-        connection's error (not EPIPE, which says only that it cannot
-        send; a reset after the peer's FIN says that too), its own splice,
-        if it is a source here, must not take the coming end of stream for
-        a FIN (invariant 7)."""
+    def mark_error(self, cookie: int, err: int | None, sock: socket.socket) -> None:
+        """A send to `cookie` (`sock`) failed with `err`: if that was its
+        connection's error, its own splice, if it is a source here, must
+        not take the coming end of stream for a FIN (invariant 7).
+
+        EPIPE says only that the socket cannot send (shut down, or a reset
+        after the peer's FIN says that too), unless the connection is gone
+        altogether (TCP_CLOSE): then it is a reset whose ECONNRESET an
+        earlier call took. splice(2) into a socket sends a pipe's buffers
+        one by one and returns the bytes of those sent before one failed,
+        so the error that failure consumed is never seen, and the next
+        call gets EPIPE."""
         other = self.engine._live.get(cookie)
+        if err == errno.EPIPE and _sock.tcp_state(sock) == _sock.TCP_CLOSE:
+            err = errno.ECONNRESET
         if err and err != errno.EPIPE and other is not None and other.worker is self:
             other.src_error = err
+
+    def reset_unseen(self, rec: PipeRecord) -> bool:
+        """At the end of `rec`'s stream: was its connection reset, with the
+        error taken by a send of the opposite splice that has not failed
+        in turn yet (it sent part of its pipe; mark_error)?
+
+        A connection that closed cleanly can be gone (TCP_CLOSE) only
+        after the application shut this socket down for writing, which it
+        does once the splice into it has ended; so a gone connection with
+        that splice still running was reset."""
+        other = self.engine._drains.get(rec.src_cookie)
+        return (other is not None and other.state is State.ACTIVE
+                and _sock.tcp_state(rec.src) == _sock.TCP_CLOSE)
 
     def drain_died(self, rec: PipeRecord) -> None:
         """The drain cannot send: what the pipe holds dies with it (counted)."""
