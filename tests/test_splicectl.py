@@ -85,7 +85,10 @@ class Proxy:
     the default level) goes to a file, never a pipe that could fill."""
 
     def __init__(self, *args: str, listen: str = "127.0.0.1:0", env: dict | None = None) -> None:
-        self.err = tempfile.TemporaryFile(mode="w+")
+        # O_APPEND: the child shares this file's offset, which stderr()
+        # moves to 0 to read; without it the proxy's next line would
+        # overwrite the file's start (seen: a log line lost that way).
+        self.err = tempfile.TemporaryFile(mode="a+")
         self.p = subprocess.Popen([PY, "-m", "splicectl", "proxy", listen, *args], cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
         line = self.p.stdout.readline()
