@@ -598,8 +598,10 @@ class Proxy:
     proxy must never block on a full pipe)."""
 
     def __init__(self, upstream: str, backend: str) -> None:
-        self.out = tempfile.TemporaryFile(mode="w+")
-        self.err = tempfile.TemporaryFile(mode="w+")
+        # O_APPEND: the child shares the files' offsets, which reading
+        # them here moves; its writes must land at the end regardless.
+        self.out = tempfile.TemporaryFile(mode="a+")
+        self.err = tempfile.TemporaryFile(mode="a+")
         self.p = subprocess.Popen(
             [sys.executable, "-m", "splicectl", "proxy", "127.0.0.1:0", upstream,
              "--backend", backend, "--connect-timeout", str(CONNECT_TIMEOUT)],
