@@ -144,7 +144,7 @@ class SockmapRecord(SpliceRecord):
     flushed_once: bool = False     # [C] one flushed reading seen while dissolving
     last_written: int = 0          # [C] drain's written count at the last look
     paused: bool = False           # [C] not yet in `sources`: new bytes wait in its TCP queue (_admit)
-    unmapped: bool = False         # [C] out of `sources`, read directly: past its FIN, or paused before its queue's end (_take)
+    unmapped: bool = False         # [C] out of `sources`, read directly: past its FIN, or paused before its queue's end (_take_direct)
     backoff: float = 0.001         # [C] seconds until the next look without events
     moved: int = 0                 # [K] bytes the verdict redirected
     passed: int = 0                # [K] bytes the verdict left on the source
@@ -450,7 +450,7 @@ class SockmapSplicer(Splicer):
         Takes at most PREFETCH_MAX: a peer that sends faster than this loop
         reads would keep it going, and its memory growing, for ever. If it
         stops before the queue's end the source is left `unmapped` and the
-        controller reads on until it finds one (_take).
+        controller reads on until it finds one (_take_direct).
         """
         chunks = [rec.pending]
         room = (rec.max - rec.taken) if rec.max else PREFETCH_MAX
@@ -646,17 +646,16 @@ class SockmapSplicer(Splicer):
                 self._publish(rec, acked)
                 break
             room = rec.max - rec.bytes if rec.max else 1 << 62
+            # The whole counted queue and what came since (every byte in
+            # it was counted before it was queued), in one read: the fewer
+            # reads, the sooner the queue is found empty and the verdict
+            # may redirect again. Measured: 7-59% in the kernel instead of
+            # 0.2-16% for iperf3 -P 1 -R (docs/design.md, "Known limitation").
+            n = min(rec.fifo + COPY_CHUNK, room, budget)
             if rec.unmapped:
                 # Its bytes are in its TCP queue, uncounted: read them all
                 # at once if it can be done, to find the queue's end.
                 n = min(_sock.inq(rec.src) + COPY_CHUNK, room)
-            else:
-                # The whole counted queue and what came since (every byte
-                # in it was counted before it was queued), in one read: the
-                # fewer reads, the sooner the queue is found empty and the
-                # verdict may redirect again. Measured: 7-59% in the kernel
-                # instead of 0.2-16% for iperf3 -P 1 -R (docs/design.md).
-                n = min(rec.fifo + COPY_CHUNK, room, budget)
             if n <= 0:
                 break
             if written < rec.moved + rec.sent:
@@ -667,9 +666,27 @@ class SockmapSplicer(Splicer):
                 # not acknowledged stay within it whichever path sent them.
                 self._later(rec)
                 break
-            if not self._take(rec, n):
+            if rec.unmapped:
+                if not self._take_direct(rec, n):
+                    break
+                budget -= len(rec.pending)
+                continue
+            try:
+                data = rec.src.recv(n, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break  # counted by the verdict, not yet queued: EPOLLIN follows
+            except OSError as e:
+                self._dissolve(rec, e.errno or errno.EIO)
                 break
-            budget -= len(rec.pending)
+            if not data:
+                break
+            rec.taken += len(data)
+            rec.pending = data
+            # Past the `passed` read above, perhaps: every byte read was
+            # counted before it was queued, so a fresh reading covers it.
+            self._read_stats(rec)
+            rec.last_copy_ns = time.monotonic_ns()
+            budget -= len(data)
         else:
             if rec.state is State.ACTIVE:
                 self._later(rec)  # out of budget: let other splices run
@@ -695,49 +712,35 @@ class SockmapSplicer(Splicer):
 
     # -- a source that starts out of the map ---------------------------------
 
-    def _take(self, rec: SockmapRecord, n: int) -> bool:
-        """One read of up to `n` bytes from the source into `pending`;
-        False when there is nothing more to read for now.
+    def _take_direct(self, rec: SockmapRecord, n: int) -> bool:
+        """One read of an unmapped source, outside the verdict; False when
+        there is nothing more to read for now.
 
-        A mapped source holds only bytes the verdict passed and counted;
-        its recv() of 0 is not trusted (EOF comes from EPOLLRDHUP). An
-        unmapped one is read outside the verdict, urgent bytes in band as
-        the verdict would carry them: a source that started paused while
-        what its peer sent before the splice still comes in (_prefetch
-        stopped short), until a read finds the queue's end (then it waits,
-        paused, for _admit); any other past its FIN, to EOF.
+        A source that started paused is unmapped while what its peer sent
+        before the splice is still coming in (_prefetch stopped short):
+        once a read finds the queue's end, it stays out of the map, its
+        new bytes waiting in the TCP queue, until _admit. Any other
+        unmapped source is past its FIN: it is read to EOF.
         """
         try:
-            if rec.unmapped:
-                with _urgent_in_band(rec.src):
-                    data = rec.src.recv(n, socket.MSG_DONTWAIT)
-            else:
+            with _urgent_in_band(rec.src):
                 data = rec.src.recv(n, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            # Mapped: counted by the verdict, not yet queued (EPOLLIN
-            # follows). Unmapped and paused: the queue's end.
-            if rec.unmapped:
-                rec.unmapped = not rec.paused
+            rec.unmapped = not rec.paused
             return False
         except OSError as e:
             self._dissolve(rec, e.errno or errno.EIO)
             return False
         if not data:
-            if rec.unmapped:
-                rec.eof = True
-                rec.paused = False  # nothing left to admit
+            rec.eof = True
+            rec.paused = False  # nothing left to admit
             return False
         rec.taken += len(data)
+        rec.q_old += len(data)  # taken without the verdict: fifo stays 0
         rec.pending = data
         rec.last_copy_ns = time.monotonic_ns()
-        if rec.unmapped:
-            rec.q_old += len(data)  # taken without the verdict: fifo stays 0
-            if rec.paused and _at_queue_end(rec.src, data, n):
-                rec.unmapped = False
-        else:
-            # Past the `passed` read before it, perhaps: every byte read
-            # was counted before it was queued, so a fresh reading covers it.
-            self._read_stats(rec)
+        if rec.paused and _at_queue_end(rec.src, data, n):
+            rec.unmapped = False
         return True
 
     def _enter_sources(self, rec: SockmapRecord) -> None:
