@@ -8,8 +8,8 @@ measured on the same machine in the same conditions. The peers, each on its
 own port in front of the same upstream:
 
     direct            no proxy (the baseline)
-    sosplice          bench/splice_proxy.py (eBPF sockmap, one Splicer)
-    sosplice-worker   the same proxy on the worker backend (splice(2) threads)
+    sosplice          splicectl proxy --backend bpf (eBPF sockmap)
+    sosplice-worker   splicectl proxy --backend worker (splice(2) threads)
     haproxy-splice    HAProxy, mode tcp, option splice-auto
     haproxy           HAProxy, mode tcp, no splicing
     socat             socat TCP-LISTEN:p,fork,reuseaddr TCP:127.0.0.1:up
@@ -143,8 +143,12 @@ def start_peer(kind: str, upstream: int) -> tuple[int, subprocess.Popen | None]:
     log = open(os.path.join(TMP, f"{kind}-{port}.log"), "w")
     env = None
     if kind in ("sosplice", "sosplice-worker"):
-        argv = [PY, os.path.join(HERE, "splice_proxy.py"), str(port), str(upstream)]
-        env = dict(os.environ, SOSPLICE_BACKEND="worker" if kind == "sosplice-worker" else "bpf")
+        # The product, as an operator runs it, less the per-connection log
+        # line (HAProxy's configuration here logs nothing either).
+        argv = [PY, "-m", "splicectl", "proxy", f"127.0.0.1:{port}", f"127.0.0.1:{upstream}",
+                "--backend", "worker" if kind == "sosplice-worker" else "bpf",
+                "--log-level", "warning"]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "loader")]))
     elif kind == "asyncio":
         argv = [PY, os.path.join(HERE, "asyncio_relay.py"), str(port), str(upstream)]
     elif kind == "socat":
@@ -885,20 +889,17 @@ def main() -> int:
                 print(f"!! splice rate {backend}: {e}", flush=True)
 
         # One count for every peer, as far as the fd limit lets the proxy hold
-        # it: 2 sockets per connection; a sosplice engine also holds a dup of
-        # both sockets of each splice (bpf: 6 fds per connection), and the
-        # worker backend a pipe per splice too (10). socat is capped (it
-        # forks a process per connection).
+        # it: 2 sockets per connection (sosplice shares them with its engine),
+        # and the worker backend a pipe per direction too (6). socat is
+        # capped (it forks a process per connection).
         hard = fd_hard_limit()
         n_common = min(n_mem, (hard - 300) // 2, haproxy_maxconn() - 50)
         for kind in peers if "memory" in only else []:
             n = n_common
             if kind == "socat":
                 n = min(n, socat_cap)
-            elif kind == "sosplice":
-                n = min(n, (hard - 300) // 6)
             elif kind == "sosplice-worker":
-                n = min(n, (hard - 300) // 10)
+                n = min(n, (hard - 300) // 6)
             try:
                 port, proc = start_peer(kind, up_port)
             except Exception as e:  # noqa: BLE001

@@ -62,9 +62,9 @@ MAX_SECONDS = 2_000_000.0
 # --idle: the timeout fires between S and S * (1 + 1/IDLE_SLICES) seconds
 # after the last byte, and a busy connection costs IDLE_SLICES looks per S.
 IDLE_SLICES = 4
-# File descriptors per connection: the proxy's two sockets, the engine's
-# dups of both for each of the two splices, and (worker) a pipe per splice.
-FDS_PER_CONN = {"bpf": 6, "worker": 10}
+# File descriptors per connection: the two sockets, which the engine shares
+# (splice_pair), and (worker) a pipe per direction.
+FDS_PER_CONN = {"bpf": 2, "worker": 6}
 FDS_SPARE = 64   # listeners, the engine's own, stdio, metrics clients
 # Kept free of connections: metrics clients, a reload's new listeners.
 FDS_RESERVE = 16
@@ -204,21 +204,18 @@ def _loops_back(listener: socket.socket, fam: int, sa: tuple) -> bool:
 
 
 def _reset(s: socket.socket) -> None:
-    """Close `s` with a reset (RST), never a FIN, now.
+    """Abort the connection of `s` with a reset (RST), never a FIN, now.
 
-    SO_LINGER {1, 0} makes the last close() abortive. That alone would
-    wait: the engine holds dups of a spliced socket until its splice has
-    flushed, which for a peer that stopped reading can be never. So the
-    connection is aborted first with connect(AF_UNSPEC) (tcp_disconnect:
-    the RST goes out at once, and any live splice on the socket ends,
-    since its drain can no longer send); the close then only frees the fd.
+    connect(AF_UNSPEC) (tcp_disconnect) sends the RST at once and ends any
+    live splice on the socket: its source is closed, its drain can no
+    longer send. SO_LINGER {1, 0} makes the later close() abortive too.
+    The fd stays open: the engine shares it until both splices are reaped.
     """
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     except OSError:
         pass  # already closed by the kernel (reset): nothing to send
     _disconnect(s)
-    s.close()
 
 
 def _disconnect(s: socket.socket) -> None:
@@ -456,6 +453,7 @@ class Proxy:
         # whether accepting is paused because they are all open.
         self.fd_room: int | None = None
         self.fd_full = False
+        self.held = 0   # closed connections whose sockets wait for their splices (_release)
         self.stopping = 0          # 0 running, 1 draining, 2 hard stop
         self.stop_deadline = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -592,7 +590,7 @@ class Proxy:
         return max(0, (soft - held - FDS_RESERVE) // per_conn)
 
     def _fds_for_one_more(self) -> bool:
-        return self.fd_room is None or len(self.conns) < self.fd_room
+        return self.fd_room is None or len(self.conns) + self.held < self.fd_room
 
     def metrics_address(self) -> tuple | None:
         return self.metrics_sock.getsockname() if self.metrics_sock else None
@@ -803,6 +801,8 @@ class Proxy:
                 self.accept_again = time.monotonic() + 0.5
                 return
             s.setblocking(False)
+            # As HAProxy: a relay must not hold bytes back for Nagle.
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c = Conn(self.next_id, s, peer, lst, lst.name,
                      up_index=lst.rr % len(lst.upstream_addrs), accepted=time.monotonic())
             self.next_id += 1
@@ -810,7 +810,8 @@ class Proxy:
             self.conns[c.id] = c
             self.live[c.listener] = self.live.get(c.listener, 0) + 1
             self.m.connections.labels(c.listener).inc()
-            log.debug("conn %d from %s on %s", c.id, fmt_addr(peer), c.listener)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("conn %d from %s on %s", c.id, fmt_addr(peer), c.listener)
             self._try_connect(c)
 
     def _fds_exhausted(self) -> None:
@@ -838,6 +839,7 @@ class Proxy:
                 self._reset_conn(c, "no socket", "no_upstream")
                 return
             u.setblocking(False)
+            u.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c.connect_started = time.monotonic()
             rc = u.connect_ex(sa)
             if rc in (0, errno.EINPROGRESS):
@@ -904,12 +906,12 @@ class Proxy:
         try:
             if c.via.conf.send_proxy:
                 self._send_proxy_header(c)
-            for src, dst, d in ((c.client, c.upstream, UP), (c.upstream, c.client, DOWN)):
-                # No idle= here: an idle timeout per direction would end a
-                # quiet upload under a streaming download; --idle is kept
-                # per connection (_check_idle).
-                sp = self.engine.splice(src, dst, label=c.listener)
-                c.splices.append(sp)
+            # No idle= here: an idle timeout per direction would end a
+            # quiet upload under a streaming download; --idle is kept per
+            # connection (_check_idle). The engine shares the two sockets,
+            # which stay open until both splices are reaped (_release).
+            c.splices = list(self.engine.splice_pair(c.client, c.upstream, label=c.listener))
+            for sp, d in zip(c.splices, (UP, DOWN)):
                 self.splices[sp] = (c, d)
         except Exception as e:
             # Usually ENOTCONN or EPIPE: the client went away while we
@@ -927,7 +929,8 @@ class Proxy:
             now = time.monotonic()
             c.quiet_since = now
             self._arm_idle(c, now + c.via.conf.idle / IDLE_SLICES)
-        log.debug("conn %d spliced to %s", c.id, fmt_addr(c.upstream.getpeername()))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("conn %d spliced to %s", c.id, fmt_addr(c.upstream.getpeername()))
 
     @staticmethod
     def _send_proxy_header(c: Conn) -> None:
@@ -995,7 +998,8 @@ class Proxy:
             self.m.splice_ends.labels(reason).inc()
             if c.closed:
                 if not self._pending(c):
-                    self._log_end(c)
+                    self.held -= 1
+                    self._release(c)
                 continue
             source, drain = (c.client, c.upstream) if d == UP else (c.upstream, c.client)
             if err == 0 and _reset_not_fin(source, other_done=(DOWN if d == UP else UP) in c.done):
@@ -1061,15 +1065,14 @@ class Proxy:
         for s in (c.client, c.upstream):
             if s is not None and s.fileno() >= 0 and s.fileno() in registered:
                 self.sel.unregister(s)
-        for s in (c.client, c.upstream):
-            if s is None:
-                continue
-            if reset:
-                _reset(s)
-            else:
-                s.close()
-        if not self._pending(c):
-            self._log_end(c)
+        if reset:
+            for s in (c.client, c.upstream):
+                if s is not None:
+                    _reset(s)
+        if self._pending(c):
+            self.held += 1
+        else:
+            self._release(c)
         self.live[c.listener] -= 1
         if self.fd_full and self._fds_for_one_more():
             self.fd_full = False
@@ -1080,6 +1083,15 @@ class Proxy:
         lst = self.listeners.get(c.via.conf.bind)
         if lst is not None:
             self._resume_accepting(lst)
+
+    def _release(self, c: Conn) -> None:
+        """The last step of a closed connection, once no splice of it is
+        left to reap: close its sockets (the engine no longer uses them),
+        write its line."""
+        for s in (c.client, c.upstream):
+            if s is not None:
+                s.close()
+        self._log_end(c)
 
     def _pending(self, c: Conn) -> bool:
         """Whether a splice of `c` is still to be reaped (its final byte
@@ -1181,7 +1193,7 @@ class Proxy:
             # lines, with the counts that closing the engine made final.
             for c in {c for c, _ in self.splices.values()}:
                 if c.closed:
-                    self._log_end(c)
+                    self._release(c)
             self.splices.clear()
             self.engine = None
         self._wake_r.close()

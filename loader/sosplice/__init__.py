@@ -26,7 +26,8 @@ from ._splice import Splice, SpliceInfo
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "Splice", "SpliceInfo", "Splicer", "splice", "unsplice", "getsplice", "geterror",
+    "__version__", "Splice", "SpliceInfo", "Splicer", "splice", "splice_pair", "unsplice",
+    "getsplice", "geterror",
     "default_engine", "DEFAULT_BACKLOG_CAP", "MIN_KERNEL",
 ]
 
@@ -79,6 +80,36 @@ def splice(source: Sock, drain: Sock, *, max: int = 0, idle: float | None = None
         TypeError: a socket, `max` or `idle` of the wrong type.
     """
     return default_engine().splice(source, drain, max=max, idle=idle, label=label)
+
+
+def splice_pair(a: socket.socket, b: socket.socket, *, idle: float | None = None,
+                label: str = "") -> tuple[Splice, Splice]:
+    """Splice `a` into `b` and `b` into `a` in one call, sharing the sockets.
+
+    The form for a proxy: each direction is a splice as `splice()` makes
+    it (same ends, same errors, `idle` per direction), but the engine
+    uses your two sockets themselves, not duplicates of them: a
+    connection costs two fds in all instead of six, the sockets are
+    checked once, and nothing watches for you closing them. In exchange:
+
+    - Keep both sockets open until both splices have ended (`wait()`,
+      `reap()`, `await`). To end them early, `unsplice()` either, or
+      abort the connection (`connect(AF_UNSPEC)`, or `shutdown()`): both
+      splices then end with the error. A socket closed while spliced
+      loses what was in flight through it.
+    - Both sockets are made non-blocking.
+    - Passing the FIN on (shutdown(SHUT_WR) on the drain at a direction's
+      EOF) and closing the sockets stay yours, as with `splice()`.
+
+    Returns (a -> b, b -> a). If the second direction is refused, the
+    first is unspliced (losslessly) before the error is raised: neither
+    socket is spliced then.
+
+    Raises:
+        TypeError: `a` or `b` is not a socket.socket.
+        OSError: as `splice()`; EBUSY if either socket is already in a splice.
+    """
+    return default_engine().splice_pair(a, b, idle=idle, label=label)
 
 
 def unsplice(source: Sock) -> int:

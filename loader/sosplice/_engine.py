@@ -48,6 +48,10 @@ CLOSE_SWEEP = 0.2
 SWEEP_SHARE = 0.02
 # How long dissolved splices stay visible in stats().
 RECENT = 60.0
+# ... and at most this many of them: a proxy ending thousands of splices a
+# second would otherwise keep hundreds of thousands of records alive, in
+# memory and in every pass of Python's garbage collector.
+RECENT_MAX = 4096
 # Where engines publish snapshots for `splicectl ls` and `top`, while a
 # viewer keeps touching WATCH; at most SNAPSHOT_SHARE of the time goes to it.
 RUN_DIR = os.environ.get("SOSPLICE_RUN_DIR", "/run/sosplice")
@@ -92,14 +96,50 @@ def _check_socket(fd: int, what: str) -> socket.socket:
             raise _err(errno.EPROTONOSUPPORT, f"{what} must be a TCP socket (IPv4 or IPv6)")
         if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise _err(errno.EOPNOTSUPP, f"{what} is listening; splice an accepted or connected socket")
-        try:
-            s.getpeername()
-        except OSError:
-            raise _err(errno.ENOTCONN, f"{what} is not connected; connect it first") from None
     except BaseException:
         s.close()
         raise
     return s
+
+
+def _check_connected(s: socket.socket, what: str) -> None:
+    """The checks of _check_socket, on a socket the caller hands over."""
+    if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM \
+            or s.proto not in (0, socket.IPPROTO_TCP):
+        raise _err(errno.EPROTONOSUPPORT, f"{what} must be a TCP socket (IPv4 or IPv6)")
+    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise _err(errno.EOPNOTSUPP, f"{what} is listening; splice an accepted or connected socket")
+
+
+def _addrs(s: socket.socket, what: str) -> tuple[Any, Any]:
+    """(local, peer) address of a connected socket; ENOTCONN if it is not."""
+    try:
+        return s.getsockname(), s.getpeername()
+    except OSError:
+        raise _err(errno.ENOTCONN, f"{what} is not connected; connect it first") from None
+
+
+def _names(src: socket.socket, dst: socket.socket, sa: tuple, da: tuple) -> tuple:
+    """(source cookie, drain cookie, addresses of source, of drain); refuses
+    a drain that is the other end of the source's own connection (ELOOP)."""
+    if sa[0] == da[1] and sa[1] == da[0]:
+        raise _err(errno.ELOOP, "drain is the other end of the source's own connection")
+    return _sock.cookie(src), _sock.cookie(dst), sa, da
+
+
+def _check_options(max: object, idle: object, label: object) -> int:
+    """Types, then values, of splice()'s options; returns idle in ns."""
+    if isinstance(max, bool) or not isinstance(max, int):
+        raise TypeError(f"max must be an int byte count, not {type(max).__name__}")
+    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, (int, float))):
+        raise TypeError(f"idle must be seconds as a float or None, not {type(idle).__name__}")
+    if not isinstance(label, str):
+        raise TypeError(f"label must be a str, not {type(label).__name__}")
+    if max < 0:
+        raise _err(errno.EINVAL, f"max must be >= 0 (0 = no limit), not {max}")
+    if max >= 1 << 62:
+        raise _err(errno.EINVAL, f"max must be below 2**62 bytes, not {max}; 0 means no limit")
+    return _idle_ns(idle)
 
 
 def _next_sweep(started: float) -> float:
@@ -200,9 +240,12 @@ class Splicer:
         self._lock = threading.RLock()
         self._live: dict[int, SpliceRecord] = {}        # source cookie -> record
         self._drains: dict[int, SpliceRecord] = {}      # drain cookie -> record
+        # The live records of splice() (not splice_pair()), whose fds the
+        # sweep looks at: an idle proxy's thousands of pairs cost it nothing.
+        self._swept: dict[int, SpliceRecord] = {}       # source cookie -> record
         self._last: dict[int, SpliceRecord] = {}        # source cookie -> last ended
         self._unreported: dict[int, int] = {}           # source cookie -> error for geterror
-        self._recent: collections.deque[SpliceRecord] = collections.deque()
+        self._recent: collections.deque[SpliceRecord] = collections.deque(maxlen=RECENT_MAX)
         self._reaped: list[Splice] = []
         self._closed = False      # close() has finished
         self._closing = False     # close() has begun: no new splice
@@ -220,51 +263,99 @@ class Splicer:
         # the same way whatever state the sockets are in.
         _check_sock_type(source, "source")
         _check_sock_type(drain, "drain")
-        if isinstance(max, bool) or not isinstance(max, int):
-            raise TypeError(f"max must be an int byte count, not {type(max).__name__}")
-        if idle is not None and (isinstance(idle, bool) or not isinstance(idle, (int, float))):
-            raise TypeError(f"idle must be seconds as a float or None, not {type(idle).__name__}")
-        if not isinstance(label, str):
-            raise TypeError(f"label must be a str, not {type(label).__name__}")
-        if max < 0:
-            raise _err(errno.EINVAL, f"max must be >= 0 (0 = no limit), not {max}")
-        if max >= 1 << 62:
-            raise _err(errno.EINVAL, f"max must be below 2**62 bytes, not {max}; 0 means no limit")
-        idle_ns = _idle_ns(idle)
+        idle_ns = _check_options(max, idle, label)
         sfd, dfd = _fd_of(source, "source"), _fd_of(drain, "drain")
         # Both fds are looked at before either is dup'ed: a dup could take
         # the number of a closed fd the caller passed as the other end.
         sino, dino = _inode_of(sfd, "source"), _inode_of(dfd, "drain")
         src = _check_socket(sfd, "source")
         try:
+            sa = _addrs(src, "source")
             dst = _check_socket(dfd, "drain")
         except BaseException:
             src.close()
             raise
         try:
+            da = _addrs(dst, "drain")
             if sino == dino:
                 raise _err(errno.EINVAL, "source and drain are the same socket")
-            if src.getsockname() == dst.getpeername() and src.getpeername() == dst.getsockname():
-                raise _err(errno.ELOOP, "drain is the other end of the source's own connection")
-            scookie, dcookie = _sock.cookie(src), _sock.cookie(dst)
+            ends = _names(src, dst, sa, da)
             with self._lock:
                 self._check_open()
-                if scookie in self._live:
-                    raise _err(errno.EBUSY, "source is already spliced; unsplice it first")
-                if dcookie in self._drains:
-                    raise _err(errno.EBUSY, "drain is already fed by another splice")
-                rec = self._start(src, dst, (scookie, dcookie), (sfd, dfd), (sino, dino), max, idle_ns)
-                rec.label = label
-                self._live[scookie] = rec
-                self._drains[dcookie] = rec
-                self._last.pop(scookie, None)
-                self._unreported.pop(scookie, None)
-                self._started(rec)
-                return rec.handle
+                a = self._begin(src, dst, ends, max, idle_ns, label, (sfd, dfd), (sino, dino))
+                return self._go(a).handle
         except BaseException:
             src.close()
             dst.close()
             raise
+
+    def splice_pair(self, a: socket.socket, b: socket.socket, *, idle: float | None = None,
+                    label: str = "") -> tuple[Splice, Splice]:
+        """Splice `a` into `b` and `b` into `a`: see `sosplice.splice_pair`."""
+        for s, what in ((a, "a"), (b, "b")):
+            if not isinstance(s, socket.socket):
+                raise TypeError(f"{what} must be a socket.socket, not {type(s).__name__}")
+        idle_ns = _check_options(0, idle, label)
+        addrs = []
+        for s, what in ((a, "a"), (b, "b")):
+            if s.fileno() < 0:
+                raise _err(errno.EBADF, f"{what} is closed")
+            _check_connected(s, what)
+            addrs.append(_addrs(s, what))
+        if a.fileno() == b.fileno():
+            raise _err(errno.EINVAL, "a and b are the same socket")
+        ends = _names(a, b, *addrs)
+        for s in (a, b):
+            if s.gettimeout() != 0.0:
+                s.setblocking(False)   # the engine's own recv/send must never wait
+        with self._lock:
+            self._check_open()
+            for c in ends[:2]:
+                if c in self._live or c in self._drains:
+                    raise _err(errno.EBUSY, "a socket of the pair is already spliced; unsplice it first")
+            ab = self._go(self._begin(a, b, ends, 0, idle_ns, label, None, None))
+            try:
+                ba = self._go(self._begin(b, a, (ends[1], ends[0], ends[3], ends[2]), 0, idle_ns,
+                                          label, None, None))
+                return ab.handle, ba.handle
+            except OSError as e:
+                err = e
+        # The second direction was refused (the drain's state, a full map):
+        # undo the first, losslessly, so that the caller gets both sockets
+        # back whole. What it took from `a` reached `b`; the rest is on `a`.
+        self._unsplice(ab)
+        raise err
+
+    def _begin(self, src: socket.socket, dst: socket.socket, ends: tuple, max: int,
+               idle_ns: int, label: str, user_fds: tuple[int, int] | None,
+               inodes: tuple[int, int] | None) -> SpliceRecord:
+        """start, first half (under the lock): refuse what the tables
+        refuse, then let the backend set up the data path."""
+        scookie, dcookie = ends[0], ends[1]
+        if scookie == dcookie:
+            raise _err(errno.EINVAL, "source and drain are the same socket")
+        if scookie in self._live:
+            raise _err(errno.EBUSY, "source is already spliced; unsplice it first")
+        if dcookie in self._drains:
+            raise _err(errno.EBUSY, "drain is already fed by another splice")
+        handle = Splice(self)
+        rec = self._start(dict(
+            handle=handle, src=src, dst=dst, src_cookie=scookie, dst_cookie=dcookie,
+            user_fds=user_fds, inodes=inodes, max=max, idle_ns=idle_ns,
+            started_ns=time.monotonic_ns(), addrs=(ends[2], ends[3]), label=label))
+        handle._rec = rec
+        return rec
+
+    def _go(self, rec: SpliceRecord) -> SpliceRecord:
+        """start, second half (under the lock): the record is live."""
+        self._live[rec.src_cookie] = rec
+        self._drains[rec.dst_cookie] = rec
+        if not rec.borrowed:
+            self._swept[rec.src_cookie] = rec
+        self._last.pop(rec.src_cookie, None)
+        self._unreported.pop(rec.src_cookie, None)
+        self._started(rec)
+        return rec
 
     def unsplice(self, source: socket.socket | int) -> int:
         """Dissolve the splice from `source` losslessly; return its byte count.
@@ -339,10 +430,10 @@ class Splicer:
 
     # -- what a backend provides --------------------------------------------
 
-    def _start(self, src: socket.socket, dst: socket.socket, cookies: tuple[int, int],
-               user_fds: tuple[int, int], inodes: tuple[int, int], max: int,
-               idle_ns: int) -> SpliceRecord:
-        """Set up the data path (under the lock); the record is not live yet."""
+    def _start(self, init: dict[str, Any]) -> SpliceRecord:
+        """Set up the data path (under the lock) and return the backend's
+        record, made with the shared [I] fields in `init`; the record is
+        not live yet. Raises OSError, having undone what it set up."""
         raise NotImplementedError
 
     def _started(self, rec: SpliceRecord) -> None:
@@ -375,6 +466,7 @@ class Splicer:
         assert self._live.get(rec.src_cookie) is rec and self._drains.get(rec.dst_cookie) is rec
         del self._live[rec.src_cookie]
         del self._drains[rec.dst_cookie]
+        self._swept.pop(rec.src_cookie, None)
         rec.state = State.DONE
         rec.done_ns = time.monotonic_ns()
         self._last[rec.src_cookie] = rec
@@ -402,6 +494,8 @@ class Splicer:
     @staticmethod
     def _app_closed(rec: SpliceRecord, end: int) -> bool:
         """Whether the application closed its fd of the source (0) or drain (1)."""
+        if rec.user_fds is None or rec.inodes is None:
+            return False   # splice_pair: the caller keeps them open until the end
         try:
             return os.fstat(rec.user_fds[end]).st_ino != rec.inodes[end]
         except OSError:

@@ -33,7 +33,6 @@ import collections
 import contextlib
 import ctypes as ct
 import errno
-import heapq
 import os
 import select
 import socket
@@ -42,11 +41,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from . import _sock
 from ._bpf import Programs
 from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err, _next_sweep
 from ._maps import U64, SpliceEvent, SpliceStats
+from ._reactor import DRAIN, SOURCE, Reactor
 from ._splice import Splice, SpliceRecord, State
 
 # Largest copy the controller makes per step for one splice, so one busy
@@ -196,7 +197,6 @@ class SockmapSplicer(Splicer):
         # Loaded already when Splicer(backend="auto") chose this class.
         self._prog = self.__dict__.pop("_programs", None) or adopt_programs(max_sockets)
         self._max_sockets = max_sockets
-        self._byfd: dict[int, SockmapRecord] = {}       # our dup's fd -> record
         self._sleeps_until = 1 << 63   # monotonic ns the controller means to wake by (_run)
         self._sources: set[int] = set()                 # cookies we put in `sources`
         # Free slots of the ctl/stats arrays, oldest first: a slot is used
@@ -204,10 +204,7 @@ class SockmapSplicer(Splicer):
         # in the verdict is what makes reuse safe; lateness is a margin).
         self._free_slots = collections.deque(range(max_sockets))
         self._reset_on_close: set[int] = set()          # see _finish
-        self._timers: list[tuple[int, int, SockmapRecord]] = []  # (when, id, record)
-        self._ep = select.epoll()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._ep.register(self._wake, select.EPOLLIN)
+        self._reactor = Reactor()
         self._prog.bpf.ring_buffer_consume()  # a former owner's events
         self._prog.on_event = self._on_event
         # Former sources of a closed engine: spliced again here, they are
@@ -215,7 +212,7 @@ class SockmapSplicer(Splicer):
         self._sources |= self._prog.keys(self._prog.sources_fd)
         for c in self._sources:
             _CLAIMED[c] = self
-        self._ep.register(self._prog.events_fd, select.EPOLLIN)
+        self._reactor.ep.register(self._prog.events_fd, select.EPOLLIN)
         self._rb_hit: list[int] = []
         self._thread = threading.Thread(target=self._run, name="sosplice-controller", daemon=True)
         self._thread.start()
@@ -230,7 +227,7 @@ class SockmapSplicer(Splicer):
                 if rec.state is State.ACTIVE:
                     self._dissolve(rec, 0)
                     self._at(rec, 0)
-            os.eventfd_write(self._wake, 1)
+            self._reactor.kick()
         deadline = time.monotonic() + 10
         for rec in list(self._live.values()):
             rec.handle._done.wait(max(0.0, deadline - time.monotonic()))
@@ -238,12 +235,11 @@ class SockmapSplicer(Splicer):
             self._closed = True
             for rec in list(self._live.values()):  # a drain that never flushed
                 self._finish(rec)
-        os.eventfd_write(self._wake, 1)
+        self._reactor.kick()
         if threading.current_thread() is not self._thread:
             self._thread.join()
-        self._ep.close()
+        self._reactor.close()
         self._remove_snapshot()
-        os.close(self._wake)
         os.close(self._ready)
         for c in self._sources:
             if _CLAIMED.get(c) is self:
@@ -255,16 +251,13 @@ class SockmapSplicer(Splicer):
 
     # -- start --------------------------------------------------------------
 
-    def _start(self, src: socket.socket, dst: socket.socket, cookies: tuple[int, int],
-               user_fds: tuple[int, int], inodes: tuple[int, int], max: int,
-               idle_ns: int) -> SockmapRecord:
-        scookie, dcookie = cookies
+    def _start(self, init: dict[str, Any]) -> SockmapRecord:
+        dst, dcookie = init["dst"], init["dst_cookie"]
         state, acked, queued = _sock.progress(dst)
         base = acked + queued
         if state not in _sock.CAN_SEND:
             raise _err(errno.EPIPE, "drain can no longer send")
-        handle = Splice(self)
-        now = time.monotonic_ns()
+        now = init["started_ns"]
         # A drain whose peer already half-closed (CLOSE_WAIT) cannot enter a
         # sockmap (docs/kernel-notes.md K9); it can still send, so the controller
         # copies every byte of such a splice itself (credit stays 0).
@@ -286,14 +279,9 @@ class SockmapSplicer(Splicer):
             raise _err(errno.ENOSPC, f"the engine is full ({self._max_sockets} splices); "
                        "create the Splicer with a larger max_sockets")
         rec = SockmapRecord(
-            slot=self._free_slots.popleft(),
-            handle=handle, src=src, dst=dst, src_cookie=scookie, dst_cookie=dcookie,
-            user_fds=user_fds, inodes=inodes, max=max,
-            idle_ns=idle_ns, started_ns=now, drain_base=base,
+            **init, slot=self._free_slots.popleft(), drain_base=base,
             q_old=0, drain_in_map=drain_in_map, last_copy_ns=now,
-            addrs=((src.getsockname(), src.getpeername()), (dst.getsockname(), dst.getpeername())),
         )
-        handle._rec = rec
         try:
             self._claim_slot(rec)
             fresh = self._insert_source(rec)
@@ -308,13 +296,14 @@ class SockmapSplicer(Splicer):
         return rec
 
     def _started(self, rec: SockmapRecord) -> None:
-        self._byfd[rec.src.fileno()] = rec
-        self._byfd[rec.dst.fileno()] = rec
         # Edge-triggered: passed bytes keep the source readable while the
         # controller waits for the drain, and a level-triggered source
-        # would spin. Every new skb or FIN is a new edge.
-        self._ep.register(rec.src.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
-        self._ep.register(rec.dst.fileno(), 0)  # EPOLLERR and EPOLLHUP always report
+        # would spin. Every new skb or FIN is a new edge. A drain that is
+        # also a source (splice_pair) shares its mode: its EPOLLOUT is then
+        # an edge too, which _want_out re-arms each time it turns it on.
+        self._reactor.watch(rec.src.fileno(), SOURCE, rec,
+                            select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        self._reactor.watch(rec.dst.fileno(), DRAIN, rec, 0)  # EPOLLERR and EPOLLHUP always report
         if rec.idle_ns:
             self._at(rec, rec.started_ns + rec.idle_ns)
         # A splice the verdict can run alone needs no look until an event:
@@ -327,7 +316,7 @@ class SockmapSplicer(Splicer):
         if soon:
             self._later(rec)
         if soon or rec.idle_ns and rec.started_ns + rec.idle_ns < self._sleeps_until:
-            os.eventfd_write(self._wake, 1)
+            self._reactor.kick()
 
     def _claim_slot(self, rec: SockmapRecord) -> None:
         """Give the record's slot its owner, holding the verdict (it passes
@@ -516,7 +505,7 @@ class SockmapSplicer(Splicer):
             timeout = self._timeout(next_sweep)
             self._sleeps_until = time.monotonic_ns() + int(timeout * 1e9)
             try:
-                events = self._ep.poll(timeout)
+                _, events = self._reactor.poll(timeout)
             except (OSError, ValueError):
                 return
             snapshot = None
@@ -524,28 +513,22 @@ class SockmapSplicer(Splicer):
                 if self._closed:
                     return
                 work: set[SockmapRecord] = set()
-                for fd, ev in events:
-                    if fd == self._wake:
-                        os.eventfd_read(self._wake)
-                    elif fd == self._prog.events_fd:
+                for rec, role, ev in events:
+                    if rec is None:   # the ring buffer
                         self._prog.bpf.ring_buffer_consume()
-                    else:
-                        rec = self._byfd.get(fd)
-                        if rec is None:
-                            continue
-                        if fd == rec.src.fileno() and ev & (select.EPOLLRDHUP | select.EPOLLHUP) \
-                                and not (rec.paused or rec.unmapped):
-                            # Out of the map, the FIN waits behind bytes in
-                            # the TCP queue: EOF is when recv() says so.
-                            rec.eof = True
-                        work.add(rec)
+                        continue
+                    if role == SOURCE and ev & (select.EPOLLRDHUP | select.EPOLLHUP) \
+                            and not (rec.paused or rec.unmapped):
+                        # Out of the map, the FIN waits behind bytes in
+                        # the TCP queue: EOF is when recv() says so.
+                        rec.eof = True
+                    work.add(rec)
                 for c in self._rb_hit:
                     if c in self._live:
                         work.add(self._live[c])
                 self._rb_hit.clear()
                 now = time.monotonic_ns()
-                while self._timers and self._timers[0][0] <= now:
-                    work.add(heapq.heappop(self._timers)[2])
+                work.update(self._reactor.due(now))
                 if (t0 := time.monotonic()) >= next_sweep:
                     self._sweep_closed()
                     self._expire_recent()
@@ -558,12 +541,12 @@ class SockmapSplicer(Splicer):
 
     def _timeout(self, next_sweep: float) -> float:
         t = next_sweep - time.monotonic()
-        if self._timers:
-            t = min(t, (self._timers[0][0] - time.monotonic_ns()) / 1e9)
+        if (when := self._reactor.next_timer()) is not None:
+            t = min(t, (when - time.monotonic_ns()) / 1e9)
         return max(0.0, t)
 
     def _at(self, rec: SockmapRecord, when_ns: int) -> None:
-        heapq.heappush(self._timers, (when_ns, id(rec), rec))
+        self._reactor.at(when_ns, rec)
 
     def _later(self, rec: SockmapRecord) -> None:
         """Look at `rec` again soon: sooner while the drain makes progress.
@@ -795,7 +778,7 @@ class SockmapSplicer(Splicer):
     def _want_out(self, rec: SockmapRecord, on: bool) -> None:
         if rec.want_out != on:
             rec.want_out = on
-            self._ep.modify(rec.dst.fileno(), select.EPOLLOUT if on else 0)
+            self._reactor.modify(rec.dst.fileno(), DRAIN, rec, select.EPOLLOUT if on else 0)
 
     def _publish(self, rec: SockmapRecord, acked: int, force: bool = False) -> None:
         """Bring the ctl entry in line with the record (one writer: here).
@@ -842,7 +825,7 @@ class SockmapSplicer(Splicer):
 
     def _sweep_closed(self) -> None:
         """End splices whose source or drain the application has closed."""
-        for rec in list(self._live.values()):
+        for rec in list(self._swept.values()):
             if rec.state is State.ACTIVE and (why := self._closed_by_app(rec)) is not None:
                 self._dissolve(rec, why)
                 self._move(rec)
@@ -884,12 +867,10 @@ class SockmapSplicer(Splicer):
             _CLAIMED.pop(rec.src_cookie, None)
         if rec.fifo > 0 and self._app_closed(rec, 0):
             self._reset_on_close.add(rec.src_cookie)
-        for s, c in ((rec.src, rec.src_cookie), (rec.dst, rec.dst_cookie)):
-            self._byfd.pop(s.fileno(), None)
-            try:
-                self._ep.unregister(s.fileno())
-            except OSError:
-                pass
+        for s, c, role in ((rec.src, rec.src_cookie, SOURCE), (rec.dst, rec.dst_cookie, DRAIN)):
+            self._reactor.unwatch(s.fileno(), role, rec)
+            if rec.borrowed:
+                continue   # the application's own sockets (splice_pair)
             others = self._live.get(c, rec) is not rec or self._drains.get(c, rec) is not rec
             if c in self._reset_on_close and not others:
                 self._reset_on_close.discard(c)
@@ -919,7 +900,7 @@ class SockmapSplicer(Splicer):
             if rec.state is State.ACTIVE:
                 self._dissolve(rec, 0)
                 self._at(rec, 0)
-                os.eventfd_write(self._wake, 1)
+                self._reactor.kick()
         rec.handle._done.wait()
         return rec.bytes
 

@@ -46,8 +46,11 @@ class SpliceRecord:
     dst: socket.socket             # [I] ... both sockets open until flushed
     src_cookie: int                # [I]
     dst_cookie: int                # [I]
-    user_fds: tuple[int, int]      # [I] the application's fd numbers ...
-    inodes: tuple[int, int]        # [I] ... and their inodes, to notice close
+    # The application's fd numbers and their inodes, to notice a close;
+    # None for splice_pair(), whose sockets (`src` and `dst` themselves,
+    # not dups) the application keeps open until the end.
+    user_fds: tuple[int, int] | None  # [I]
+    inodes: tuple[int, int] | None    # [I]
     max: int                       # [I] 0 = no limit
     idle_ns: int                   # [I] 0 = no idle timeout
     started_ns: int                # [I] time.monotonic_ns() at start
@@ -56,6 +59,11 @@ class SpliceRecord:
     state: State = State.ACTIVE    # [C]
     error: int | None = None       # [C] reason, set once by dissolve()
     done_ns: int = 0               # [C] when it became DONE
+
+    @property
+    def borrowed(self) -> bool:
+        """`src` and `dst` are the application's (splice_pair): never closed here."""
+        return self.user_fds is None
 
     @property
     def bytes(self) -> int:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
-import heapq
 import logging
 import os
 import select
@@ -52,11 +51,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from . import _sock
 from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err, _next_sweep
-from ._splice import Splice, SpliceRecord, State
+from ._reactor import DRAIN, SOURCE, Reactor
+from ._splice import SpliceRecord, State
 
 SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -122,7 +122,7 @@ class WorkerSplicer(Splicer):
                  max_sockets: int = 65536) -> None:
         super().__init__(backlog_cap=backlog_cap)
         self._pipe_max = min(backlog_cap, PIPE_MAX)
-        # inode -> [splices using the socket, was it blocking before]
+        # cookie -> [splices using the socket, was it blocking before]
         self._nonblock: dict[int, list] = {}
         n = len(os.sched_getaffinity(0)) or 1
         self._workers = [_Worker(self, i) for i in range(n)]
@@ -151,28 +151,22 @@ class WorkerSplicer(Splicer):
 
     # -- what the base class asks of a backend ------------------------------
 
-    def _start(self, src: socket.socket, dst: socket.socket, cookies: tuple[int, int],
-               user_fds: tuple[int, int], inodes: tuple[int, int], max: int, idle_ns: int) -> PipeRecord:
+    def _start(self, init: dict[str, Any]) -> PipeRecord:
+        src, dst = init["src"], init["dst"]
+        cookies = init["src_cookie"], init["dst_cookie"]
         if _sock.tcp_state(dst) not in _sock.CAN_SEND:
             raise _err(errno.EPIPE, "drain can no longer send")
         if _sock.tcp_state(src) not in _sock.CAN_SEND:
             raise _err(errno.ENOTCONN, "source has shut down its side of the connection; "
                        "splice before calling shutdown() on it")
         # Both directions of a connection on one worker (invariant 7).
-        worker = self._workers[hash(tuple(sorted(inodes))) % len(self._workers)]
-        held, held_ok = ((src, inodes[0]), (dst, inodes[1])), []
+        worker = self._workers[hash(tuple(sorted(cookies))) % len(self._workers)]
+        held, held_ok = ((src, cookies[0]), (dst, cookies[1])), []
         rec = None
         pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            rec = PipeRecord(
-                handle=Splice(self), src=src, dst=dst, src_cookie=cookies[0],
-                dst_cookie=cookies[1], user_fds=user_fds, inodes=inodes, max=max,
-                idle_ns=idle_ns, started_ns=time.monotonic_ns(),
-                addrs=((src.getsockname(), src.getpeername()), (dst.getsockname(), dst.getpeername())),
-                worker=worker, pipe_r=pipe_r, pipe_w=pipe_w,
-                pipe_size=fcntl.fcntl(pipe_w, F_GETPIPE_SZ),
-            )
-            rec.handle._rec = rec
+            rec = PipeRecord(**init, worker=worker, pipe_r=pipe_r, pipe_w=pipe_w,
+                             pipe_size=fcntl.fcntl(pipe_w, F_GETPIPE_SZ))
             for end in held:
                 self._hold_nonblock(*end)
                 held_ok.append(end)
@@ -205,19 +199,19 @@ class WorkerSplicer(Splicer):
 
     # -- O_NONBLOCK while spliced (invariant 5) -----------------------------
 
-    def _hold_nonblock(self, s: socket.socket, ino: int) -> None:
-        entry = self._nonblock.get(ino)
+    def _hold_nonblock(self, s: socket.socket, cookie: int) -> None:
+        entry = self._nonblock.get(cookie)
         if entry is None:
             flags = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
-            entry = self._nonblock[ino] = [0, not flags & os.O_NONBLOCK]
+            entry = self._nonblock[cookie] = [0, not flags & os.O_NONBLOCK]
             fcntl.fcntl(s.fileno(), fcntl.F_SETFL, flags | os.O_NONBLOCK)
         entry[0] += 1
 
-    def _release_nonblock(self, s: socket.socket, ino: int) -> None:
-        entry = self._nonblock[ino]
+    def _release_nonblock(self, s: socket.socket, cookie: int) -> None:
+        entry = self._nonblock[cookie]
         entry[0] -= 1
         if entry[0] == 0:
-            del self._nonblock[ino]
+            del self._nonblock[cookie]
             if entry[1]:
                 flags = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
                 fcntl.fcntl(s.fileno(), fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
@@ -229,13 +223,9 @@ class _Worker:
     def __init__(self, engine: WorkerSplicer, n: int) -> None:
         self.engine = engine
         self.n = n
-        self.ep = select.epoll()
-        self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.ep.register(self.wake, select.EPOLLIN)
+        self.reactor = Reactor()
         self.inbox: collections.deque[Callable[[], None]] = collections.deque()
-        self.byfd: dict[int, PipeRecord] = {}
         self.recs: set[PipeRecord] = set()
-        self.timers: list[tuple[int, int, PipeRecord]] = []  # (when, id, record)
         self.again: list[PipeRecord] = []   # out of budget: step again soon
         self.stopping = False
         self.thread = threading.Thread(target=self.run, name=f"sosplice-worker-{n}", daemon=True)
@@ -244,7 +234,7 @@ class _Worker:
     def post(self, fn: Callable[[], None]) -> None:
         """Run `fn` on this worker's thread, after what was posted before."""
         self.inbox.append(fn)
-        os.eventfd_write(self.wake, 1)
+        self.reactor.kick()
 
     def stop(self) -> None:
         def halt() -> None:
@@ -252,8 +242,7 @@ class _Worker:
         self.post(halt)
         if threading.current_thread() is not self.thread:
             self.thread.join()
-            self.ep.close()
-            os.close(self.wake)
+            self.reactor.close()
 
     # -- the loop -----------------------------------------------------------
 
@@ -261,24 +250,21 @@ class _Worker:
         next_sweep = time.monotonic() + CLOSE_SWEEP
         while not self.stopping:
             timeout = 0.0 if self.again else max(0.0, next_sweep - time.monotonic())
-            if self.timers:
-                timeout = min(timeout, max(0.0, (self.timers[0][0] - time.monotonic_ns()) / 1e9))
-            events = self.ep.poll(timeout)
+            if (when := self.reactor.next_timer()) is not None:
+                timeout = min(timeout, max(0.0, (when - time.monotonic_ns()) / 1e9))
+            woken, events = self.reactor.poll(timeout)
             work, self.again = set(self.again), []
-            for fd, ev in events:
-                if fd == self.wake:
-                    os.eventfd_read(self.wake)
-                    while self.inbox:
-                        self.guard(self.inbox.popleft())
-                elif (rec := self.byfd.get(fd)) is not None:
-                    if fd == rec.dst.fileno() and ev & (select.EPOLLERR | select.EPOLLHUP):
-                        self.check_drain(rec)
-                    elif fd == rec.src.fileno() and ev & select.EPOLLPRI:
-                        rec.urgent = True
-                    work.add(rec)
-            now = time.monotonic_ns()
-            while self.timers and self.timers[0][0] <= now:
-                rec = heapq.heappop(self.timers)[2]
+            while woken and self.inbox:
+                self.guard(self.inbox.popleft())
+            for rec, role, ev in events:
+                if rec not in self.recs:
+                    continue   # finished by the inbox just now
+                if role == DRAIN and ev & (select.EPOLLERR | select.EPOLLHUP):
+                    self.check_drain(rec)
+                elif role == SOURCE and ev & select.EPOLLPRI:
+                    rec.urgent = True
+                work.add(rec)
+            for rec in self.reactor.due(time.monotonic_ns()):
                 rec.idle_at = 0
                 work.add(rec)
             if (t0 := time.monotonic()) >= next_sweep:
@@ -309,7 +295,9 @@ class _Worker:
 
     def sweep(self) -> None:
         """End splices whose fds the application closed; publish a snapshot."""
-        for rec in list(self.recs):
+        with self.engine._lock:
+            mine = [r for r in self.engine._swept.values() if r.worker is self]
+        for rec in mine:
             if rec.state is State.ACTIVE and (why := self.engine._closed_by_app(rec)) is not None:
                 self.dissolve(rec, why)
         if self.n == 0:
@@ -323,15 +311,13 @@ class _Worker:
     def adopt(self, rec: PipeRecord) -> None:
         """start: watch the sockets and move what is already queued."""
         self.recs.add(rec)
-        self.byfd[rec.src.fileno()] = rec
-        self.byfd[rec.dst.fileno()] = rec
         # Edge-triggered: the loop in _step reads until EAGAIN or a full
         # pipe; a full pipe is resumed by the drain's EPOLLOUT. EPOLLPRI:
         # tcp_poll reports it while an urgent byte waits, at its arrival
         # and at every later wake-up, so a stop at its mark is noticed.
-        self.ep.register(rec.src.fileno(),
-                         select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLET)
-        self.ep.register(rec.dst.fileno(), select.EPOLLET)  # EPOLLERR/HUP always report
+        self.reactor.watch(rec.src.fileno(), SOURCE, rec,
+                           select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLET)
+        self.reactor.watch(rec.dst.fileno(), DRAIN, rec, select.EPOLLET)  # EPOLLERR/HUP always report
         if rec.idle_ns:
             self.arm_idle(rec, rec.started_ns + rec.idle_ns)
         self.step(rec)
@@ -518,20 +504,17 @@ class _Worker:
                 rec.state, rec.error = State.DISSOLVING, 0
         self.recs.discard(rec)
         self.again = [r for r in self.again if r is not rec]
-        for s in (rec.src, rec.dst):
-            self.byfd.pop(s.fileno(), None)
-            try:
-                self.ep.unregister(s.fileno())
-            except OSError:
-                pass
+        self.reactor.unwatch(rec.src.fileno(), SOURCE, rec)
+        self.reactor.unwatch(rec.dst.fileno(), DRAIN, rec)
         os.close(rec.pipe_r)
         os.close(rec.pipe_w)
         _restore_oob(rec)
         eng = self.engine
         with eng._lock:
-            for s, ino in ((rec.src, rec.inodes[0]), (rec.dst, rec.inodes[1])):
-                eng._release_nonblock(s, ino)
-                s.close()
+            for s, c in ((rec.src, rec.src_cookie), (rec.dst, rec.dst_cookie)):
+                eng._release_nonblock(s, c)
+                if not rec.borrowed:
+                    s.close()
             eng._report(rec)
 
     # -- small things -------------------------------------------------------
@@ -540,7 +523,7 @@ class _Worker:
         if rec.want_out != on and rec in self.recs:
             rec.want_out = on
             ev = select.EPOLLOUT | select.EPOLLET if on else select.EPOLLET
-            self.ep.modify(rec.dst.fileno(), ev)
+            self.reactor.modify(rec.dst.fileno(), DRAIN, rec, ev)
 
     def grow_pipe(self, rec: PipeRecord) -> None:
         """A splice that fills its pipe gets the full size (up to 1 MiB).
@@ -558,7 +541,7 @@ class _Worker:
 
     def arm_idle(self, rec: PipeRecord, when_ns: int) -> None:
         rec.idle_at = when_ns
-        heapq.heappush(self.timers, (when_ns, id(rec), rec))
+        self.reactor.at(when_ns, rec)
 
 
 def _restore_oob(rec: PipeRecord | None) -> None:

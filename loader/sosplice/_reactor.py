@@ -1,0 +1,123 @@
+"""The loop both backends run: one epoll, an eventfd that wakes it, a timer
+heap, and the sockets it watches on behalf of splices.
+
+A socket can serve two splices of one reactor at once: the source of one
+and the drain of the other, the two directions of a connection. Through
+`Splicer.splice_pair` both get the one fd (no dup), and epoll holds an fd
+once, so a socket has one registration whose mask is the union of its
+roles' masks, and each event goes to the roles it concerns. A role is
+only ever removed by the record that holds it: an fd whose number was
+reused under a record that misbehaved (its socket closed by the
+application while spliced) cannot lose another record's watch.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+import select
+from typing import Any
+
+SOURCE, DRAIN = 0, 1
+# Reported whatever the mask says; EPOLLET is a mode, not an event.
+_ALWAYS = select.EPOLLERR | select.EPOLLHUP
+_MODE = select.EPOLLET
+
+
+class Reactor:
+    """epoll + wake-up + timers; the owner's thread alone polls it."""
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.ep.register(self.wake_fd, select.EPOLLIN)
+        # fd -> [record as source, its mask, record as drain, its mask]
+        self._ports: dict[int, list[Any]] = {}
+        self._timers: list[tuple[int, int, Any]] = []   # (when ns, tiebreak, record)
+        self._seq = 0
+
+    # -- sockets ------------------------------------------------------------
+
+    def watch(self, fd: int, role: int, rec: Any, mask: int) -> None:
+        """Watch `fd` for `rec` in `role` (SOURCE or DRAIN)."""
+        port = self._ports.get(fd)
+        if port is None:
+            self._ports[fd] = port = [None, 0, None, 0]
+            port[2 * role], port[2 * role + 1] = rec, mask
+            self.ep.register(fd, mask)
+            return
+        assert port[2 * role] is None, "one splice per role per socket"
+        port[2 * role], port[2 * role + 1] = rec, mask
+        self.ep.modify(fd, port[1] | port[3])
+
+    def modify(self, fd: int, role: int, rec: Any, mask: int) -> None:
+        port = self._ports.get(fd)
+        if port is None or port[2 * role] is not rec:
+            return
+        port[2 * role + 1] = mask
+        try:
+            self.ep.modify(fd, port[1] | port[3])
+        except OSError:
+            pass  # closed under us (see the module docstring)
+
+    def unwatch(self, fd: int, role: int, rec: Any) -> None:
+        """Stop watching `fd` for `rec` (before our dup of it is closed)."""
+        port = self._ports.get(fd)
+        if port is None or port[2 * role] is not rec:
+            return
+        port[2 * role], port[2 * role + 1] = None, 0
+        try:
+            if port[0] is None and port[2] is None:
+                del self._ports[fd]
+                self.ep.unregister(fd)
+            else:
+                self.ep.modify(fd, port[1] | port[3])
+        except OSError:
+            pass
+
+    def poll(self, timeout: float) -> tuple[bool, list[tuple[Any, int, int]]]:
+        """Wait up to `timeout` s: (woken, [(record, role, events)]).
+
+        Raises OSError/ValueError once the epoll is closed."""
+        woken = False
+        out = []
+        for fd, ev in self.ep.poll(timeout):
+            if fd == self.wake_fd:
+                try:
+                    os.eventfd_read(self.wake_fd)
+                except BlockingIOError:
+                    pass
+                woken = True
+                continue
+            port = self._ports.get(fd)
+            if port is None:
+                out.append((None, fd, ev))   # not a socket of ours: the owner's
+                continue
+            for role in (SOURCE, DRAIN):
+                rec = port[2 * role]
+                if rec is not None and ev & (port[2 * role + 1] | _ALWAYS) & ~_MODE:
+                    out.append((rec, role, ev))
+        return woken, out
+
+    def kick(self) -> None:
+        """Wake the loop from any thread."""
+        os.eventfd_write(self.wake_fd, 1)
+
+    # -- timers -------------------------------------------------------------
+
+    def at(self, when_ns: int, rec: Any) -> None:
+        """Hand `rec` back from `due()` once time.monotonic_ns() >= when_ns."""
+        self._seq += 1
+        heapq.heappush(self._timers, (when_ns, self._seq, rec))
+
+    def next_timer(self) -> int | None:
+        return self._timers[0][0] if self._timers else None
+
+    def due(self, now_ns: int) -> list[Any]:
+        out = []
+        while self._timers and self._timers[0][0] <= now_ns:
+            out.append(heapq.heappop(self._timers)[2])
+        return out
+
+    def close(self) -> None:
+        self.ep.close()
+        os.close(self.wake_fd)
