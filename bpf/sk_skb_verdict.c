@@ -19,7 +19,7 @@
  * its data_ready path), so the counters of a splice have one writer.
  */
 #include <uapi/linux/bpf.h>
-#include "sosplice.h"
+#include "sosplice_maps.h"
 
 static __always_inline void notify(__u64 source, __u64 moved)
 {

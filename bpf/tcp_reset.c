@@ -19,7 +19,7 @@
  */
 #include <net/sock.h>
 #include <net/tcp_states.h>
-#include "sosplice.h"
+#include "sosplice_maps.h"
 
 RAW_TRACEPOINT_PROBE(tcp_receive_reset)
 {

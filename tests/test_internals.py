@@ -7,6 +7,7 @@ import errno
 import inspect
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,22 +35,74 @@ def test_every_record_field_names_its_owner(record):
         assert m.group(1) in legend, f"{record}.{f.name}: unknown tag [{m.group(1)}]"
 
 
-def _c_sizeof(struct: str) -> int:
-    """sizeof(struct) as the C compiler sees bpf/sosplice.h."""
-    prog = f"""
-#include <stdio.h>
-#include <linux/types.h>
-#define BPF_SOCKHASH(...)
-#define BPF_HASH(...)
-#define BPF_F_TABLE(...)
-#define BPF_RINGBUF_OUTPUT(...)
-#include "sosplice.h"
-int main(void) {{ printf("%zu\\n", sizeof(struct {struct})); return 0; }}
+def _field_patterns(py: type[ct.Structure]) -> dict[str, bytes]:
+    """For each field of a ctypes struct: the struct's bytes with only
+    that field's bits set. Offset, size and (for bitfields) bit position
+    in one value, comparable with what C makes of the same field."""
+    out = {}
+    for name, ctype, *bits in py._fields_:
+        obj = py()
+        if bits:
+            setattr(obj, name, (1 << bits[0]) - 1)
+        else:
+            desc = getattr(py, name)
+            ct.memset(ct.addressof(obj) + desc.offset, 0xFF, desc.size)
+        out[name] = bytes(obj)
+    return out
+
+
+def _c_patterns(tmp_path, includes: list[str], struct: str,
+                fields: list[tuple[str, bool]]) -> tuple[int, dict[str, bytes]]:
+    """sizeof(struct `struct`) as the system C compiler sees it, and for
+    each (field, is_bitfield) the struct's bytes with only that field's
+    bits set (a bitfield is decremented from 0: all its bits, whatever its
+    width). A field the C struct lacks fails the compile."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (cc) to read the C headers with; scripts/setup.sh installs gcc")
+    sets = "\n".join(
+        f"\tmemset(&s, 0, sizeof(s)); "
+        + (f"s.{f}--;" if bitfield else f"memset(&s.{f}, 0xff, sizeof(s.{f}));")
+        + f' dump("{f}", &s);'
+        for f, bitfield in fields)
+    prog = "\n".join(f"#include {h}" for h in ["<stdio.h>", "<string.h>", *includes]) + f"""
+static void dump(const char *name, const struct {struct} *s)
+{{
+\tprintf("%s ", name);
+\tfor (size_t i = 0; i < sizeof(*s); i++)
+\t\tprintf("%02x", ((const unsigned char *)s)[i]);
+\tprintf("\\n");
+}}
+int main(void)
+{{
+\tstruct {struct} s;
+\tprintf("sizeof %zu\\n", sizeof(s));
+{sets}
+\treturn 0;
+}}
 """
-    exe = f"/tmp/sosplice-sizeof-{struct}"
-    subprocess.run(["cc", "-x", "c", "-I", str(_bpf.bpf_dir()), "-o", exe, "-"],
-                   input=prog.encode(), check=True)
-    return int(subprocess.run([exe], capture_output=True, check=True).stdout)
+    src, exe = tmp_path / f"{struct}.c", tmp_path / struct
+    src.write_text(prog)
+    r = subprocess.run([cc, "-Wall", "-Werror", "-I", str(_bpf.bpf_dir()), "-o", str(exe), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"{prog}\n{r.stderr}"
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    got = dict(zip(lines[::2], lines[1::2]))
+    return int(got.pop("sizeof")), {k: bytes.fromhex(v) for k, v in got.items()}
+
+
+def _check_layout(tmp_path, includes: list[str], struct: str, py: type[ct.Structure],
+                  prefix: bool = False) -> None:
+    """The ctypes struct has the C struct's layout, field by field, or
+    (prefix) is a prefix of it: the C struct past its end is beyond it."""
+    fields = [(name, bool(bits)) for name, _, *bits in py._fields_]
+    size, c = _c_patterns(tmp_path, includes, struct, fields)
+    if prefix:
+        assert ct.sizeof(py) <= size
+    else:
+        assert ct.sizeof(py) == size, f"sizeof(struct {struct})"
+    for name, want in _field_patterns(py).items():
+        assert c[name] == want.ljust(size, b"\0"), f"struct {struct}.{name}"
 
 
 @pytest.mark.parametrize("c_name, py", [
@@ -57,8 +110,9 @@ int main(void) {{ printf("%zu\\n", sizeof(struct {struct})); return 0; }}
     ("splice_stats", _maps.SpliceStats),
     ("splice_event", _maps.SpliceEvent),
 ])
-def test_ctypes_mirror_matches_header(c_name, py):
-    assert _c_sizeof(c_name) == ct.sizeof(py)
+def test_ctypes_mirror_matches_header(tmp_path, c_name, py):
+    """_maps.py's structs are bpf/sosplice_abi.h's, field for field."""
+    _check_layout(tmp_path, ['"sosplice_abi.h"'], c_name, py)
 
 
 @pytest.mark.parametrize("release, ok", [
