@@ -8,6 +8,7 @@ import inspect
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,8 @@ import time
 
 import pytest
 
-from sosplice import _bpf, _maps, _splice
+from conftest import wait_until
+from sosplice import _bpf, _maps, _sock, _splice
 
 
 @pytest.mark.parametrize("record", ["_splice.SpliceRecord", "_sockmap.SockmapRecord",
@@ -113,6 +115,54 @@ def _check_layout(tmp_path, includes: list[str], struct: str, py: type[ct.Struct
 def test_ctypes_mirror_matches_header(tmp_path, c_name, py):
     """_maps.py's structs are bpf/sosplice_abi.h's, field for field."""
     _check_layout(tmp_path, ['"sosplice_abi.h"'], c_name, py)
+
+
+def test_tcp_info_prefix_matches_uapi_header(tmp_path):
+    """_sock.TcpInfo is the head of the kernel's struct tcp_info, every
+    field (bitfields too) where <linux/tcp.h> puts it."""
+    _check_layout(tmp_path, ["<linux/tcp.h>"], "tcp_info", _sock.TcpInfo, prefix=True)
+
+
+def test_layout_check_sees_a_misplaced_field(tmp_path):
+    """The check above fails for a ctypes struct whose fields are in the
+    wrong order, or whose bitfields have the wrong widths."""
+    swapped = list(_sock.TcpInfo._fields_)
+    i = [f[0] for f in swapped].index("tcpi_bytes_acked")
+    swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
+    widths = [(n, t, 3) if n == "tcpi_snd_wscale" else (n, t, 5) if n == "tcpi_rcv_wscale"
+              else (n, t, *b) for n, t, *b in _sock.TcpInfo._fields_]
+    for fields in (swapped, widths):
+        bad = type("BadTcpInfo", (ct.Structure,), {"_fields_": fields})
+        with pytest.raises(AssertionError, match="struct tcp_info.tcpi_"):
+            _check_layout(tmp_path, ["<linux/tcp.h>"], "tcp_info", bad, prefix=True)
+
+
+def test_tcp_info_reads_a_real_connection():
+    """The fields the engine reads, on a connection with known traffic:
+    tcpi_state ESTABLISHED, tcpi_bytes_acked the bytes sent (plus the SYN
+    on the connecting side), tcpi_bytes_received the bytes received."""
+    ls = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(ls.getsockname())
+    b, _ = ls.accept()
+    ls.close()
+    with a, b:
+        a.sendall(b"x" * 100_000)
+        b.sendall(b"y" * 777)
+        got = 0
+        while got < 100_000:
+            got += len(b.recv(1 << 16))
+        assert a.recv(777, socket.MSG_WAITALL) == b"y" * 777
+        wait_until(lambda: _sock.bytes_acked(a) == 100_001 and _sock.bytes_acked(b) == 777, 5,
+                   "both ends' bytes acknowledged")
+        ia, ib = _sock.tcp_info(a), _sock.tcp_info(b)
+        assert (ia.tcpi_state, ib.tcpi_state) == (_sock.TCP_ESTABLISHED,) * 2
+        assert (ia.tcpi_bytes_received, ib.tcpi_bytes_received) == (777, 100_000)
+        assert ia.tcpi_snd_mss > 0 and ia.tcpi_rcv_wscale == ib.tcpi_snd_wscale
+        assert _sock.progress(a) == (_sock.TCP_ESTABLISHED, 100_001, 0)
+        assert _sock.tcp_state(a) == _sock.TCP_ESTABLISHED
+        a.shutdown(socket.SHUT_WR)
+        assert b.recv(1) == b""
+        assert _sock.tcp_state(b) == _sock.TCP_CLOSE_WAIT
 
 
 @pytest.mark.parametrize("release, ok", [
