@@ -20,7 +20,7 @@ Throughput: iperf3 -c ... -t 5 -J, -P 1 and -P 8 (full: also -P 64, and
 bits_per_second of end.sum_received. CPU: for each throughput run, CPU
 seconds of the peer process tree (utime+stime of the process and its live
 descendants, plus cutime+cstime of reaped children) and system-wide
-system+softirq (and all non-idle) time from /proc/stat, per GB moved.
+system+softirq (and all non-idle) time (psutil.cpu_times()), per GB moved.
 Latency: a ping-pong client (64 B and 16 KiB) through each peer to a local
 echo server process; p50/p99/p99.9 of the round trip.
 Setup rate: short connections (connect, 100 B, read the echo, close) from
@@ -53,10 +53,11 @@ import tempfile
 import time
 from typing import Any
 
+import psutil
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
-TICK = os.sysconf("SC_CLK_TCK")
 
 PEERS = ["direct", "sosplice", "sosplice-worker", "haproxy-splice", "haproxy", "socat", "asyncio"]
 BASE, REF = "direct", "haproxy-splice"
@@ -209,41 +210,31 @@ backend be
 # ---------------------------------------------------------------------------
 # CPU accounting
 
-def proc_ticks(pid: int) -> int:
-    """utime+stime of pid and its live descendants, plus reaped children."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user+system) of pid and its live descendants, plus its
+    reaped children's."""
+    try:
+        root = psutil.Process(pid)
+        t = root.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        procs = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    for q in procs:
         try:
-            with open(f"/proc/{d}/stat") as f:
-                s = f.read()
-        except OSError:
+            t = q.cpu_times()
+        except psutil.NoSuchProcess:   # exited since children() listed it
             continue
-        fields = s[s.rindex(")") + 2:].split()   # fields[0] is state (field 3)
-        stats[int(d)] = fields
-        children.setdefault(int(fields[1]), []).append(int(d))
-    total, todo = 0, [pid]
-    while todo:
-        q = todo.pop()
-        f = stats.get(q)
-        if f is None:
-            continue
-        # utime stime cutime cstime = fields 14..17 -> index 11..14 here
-        total += int(f[11]) + int(f[12])
-        if q == pid:
-            total += int(f[13]) + int(f[14])
-        todo.extend(children.get(q, []))
+        total += t.user + t.system
     return total
 
 
-def sys_ticks() -> dict[str, int]:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
-    return {"system": system, "softirq": softirq, "irq": irq,
-            "busy": user + nice + system + irq + softirq + steal}
+def sys_cpu_s() -> dict[str, float]:
+    """System-wide CPU seconds since boot, all CPUs: system, softirq, irq,
+    and busy (everything but idle and iowait)."""
+    t = psutil.cpu_times()
+    return {"system": t.system, "softirq": t.softirq, "irq": t.irq,
+            "busy": t.user + t.nice + t.system + t.irq + t.softirq + t.steal}
 
 
 # ---------------------------------------------------------------------------
@@ -289,15 +280,15 @@ def ensure_iperf_server(server: dict) -> None:
 
 def throughput_run(kind: str, port: int, proc: subprocess.Popen | None, parallel: int,
                    reverse: bool, seconds: int, server: dict) -> dict:
-    t0, s0 = (proc_ticks(proc.pid) if proc else 0), sys_ticks()
+    t0, s0 = (proc_cpu_s(proc.pid) if proc else 0.0), sys_cpu_s()
     w0 = time.monotonic()
     r = iperf(port, parallel, reverse, seconds, server)
     time.sleep(0.3)          # let socat reap its per-connection children
     wall = time.monotonic() - w0
-    t1, s1 = (proc_ticks(proc.pid) if proc else 0), sys_ticks()
+    t1, s1 = (proc_cpu_s(proc.pid) if proc else 0.0), sys_cpu_s()
     gb = r["bytes"] / 1e9
-    d = {k: (s1[k] - s0[k]) / TICK for k in s0}
-    proxy_cpu = (t1 - t0) / TICK
+    d = {k: s1[k] - s0[k] for k in s0}
+    proxy_cpu = t1 - t0
     r.update({
         "wall_s": wall,
         "proxy_cpu_s": proxy_cpu,
@@ -362,7 +353,7 @@ def raise_nofile(want: int = 200_000) -> None:
 
 def setup_rate(port: int, proc: subprocess.Popen | None, seconds: float, procs: int,
                threads: int) -> dict:
-    t0 = proc_ticks(proc.pid) if proc else 0
+    t0 = proc_cpu_s(proc.pid) if proc else 0.0
     ps = [spawn([PY, os.path.join(HERE, "conn_client.py"), str(port), str(seconds), str(threads)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(procs)]
     outs = []
@@ -376,7 +367,7 @@ def setup_rate(port: int, proc: subprocess.Popen | None, seconds: float, procs: 
         except (json.JSONDecodeError, IndexError):
             raise RuntimeError(f"conn_client gave no result: {err.strip()[-300:]}") from None
     time.sleep(0.3)
-    t1 = proc_ticks(proc.pid) if proc else 0
+    t1 = proc_cpu_s(proc.pid) if proc else 0.0
     samples = sorted(x for o in outs for x in o["samples_us"])
     n = sum(o["n"] for o in outs)
     kinds: dict[str, int] = {}
@@ -387,7 +378,7 @@ def setup_rate(port: int, proc: subprocess.Popen | None, seconds: float, procs: 
     def pct(q: float) -> float | None:
         return float(samples[min(len(samples) - 1, int(q / 100 * len(samples)))]) if samples else None
 
-    cpu = (t1 - t0) / TICK
+    cpu = t1 - t0
     return {"conn_per_s": sum(o["n"] / o["elapsed"] for o in outs), "n": n,
             "errors": sum(o["errors"] for o in outs), "error_kinds": kinds,
             "p50_us": pct(50), "p99_us": pct(99), "seconds": seconds, "procs": procs,
@@ -442,41 +433,22 @@ def slab_objects() -> dict[str, int]:
     return out
 
 
-def tree_pids(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                st = f.read()
-        except OSError:
-            continue
-        children.setdefault(int(st[st.rindex(")") + 2:].split()[1]), []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        q = todo.pop()
-        out.append(q)
-        todo.extend(children.get(q, []))
-    return out
-
-
 def tree_mem(pid: int) -> dict[str, int]:
-    """VmRSS and Pss (kB) summed over pid and its descendants."""
+    """RSS and PSS (kB) summed over pid and its descendants."""
     rss = pss = n = 0
-    for q in tree_pids(pid):
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for q in procs:
         try:
-            with open(f"/proc/{q}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        rss += int(line.split()[1])
-            with open(f"/proc/{q}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-            n += 1
-        except OSError:
+            m = q.memory_full_info()   # pss: /proc/PID/smaps_rollup
+        except psutil.NoSuchProcess:
             continue
+        rss += m.rss // 1024
+        pss += m.pss // 1024
+        n += 1
     return {"rss_kib": rss, "pss_kib": pss, "procs": n}
 
 
@@ -508,9 +480,9 @@ def memory_run(port: int, proc: subprocess.Popen | None, n: int, idle_s: float,
         error = f"after {len(socks)} connections: {e!r}"
     open_s = time.monotonic() - t
     time.sleep(1.0)          # let the relays settle (sweeps, lazy allocations)
-    c0 = proc_ticks(proc.pid) if proc else 0
+    c0 = proc_cpu_s(proc.pid) if proc else 0.0
     time.sleep(idle_s)       # the relay's CPU while the connections sit idle
-    c1 = proc_ticks(proc.pid) if proc else 0
+    c1 = proc_cpu_s(proc.pid) if proc else 0.0
     m1, r1, sl1 = meminfo(), (tree_mem(proc.pid) if proc else None), slab_objects()
     # still alive and still relaying after the idle time? (a sample)
     alive = 0
@@ -546,7 +518,7 @@ def memory_run(port: int, proc: subprocess.Popen | None, n: int, idle_s: float,
            "memavail_drop_kib_per_conn": per(-d["MemAvailable"]),
            "slab_obj_delta_kib": slab_obj_kib, "slab_obj_kib_per_conn": per(slab_obj_kib) if sl0 else None,
            "slab_obj_top_caches_kib": {k: v / 1024 for k, v in top},
-           "idle_s": idle_s, "proxy_idle_cpu_pct": (c1 - c0) / TICK / idle_s * 100 if proc else 0.0}
+           "idle_s": idle_s, "proxy_idle_cpu_pct": (c1 - c0) / idle_s * 100 if proc else 0.0}
     if r0 is not None and r1 is not None:
         out.update({"proxy_before": r0, "proxy_after": r1,
                     "proxy_rss_kib": r1["rss_kib"], "proxy_pss_kib": r1["pss_kib"],

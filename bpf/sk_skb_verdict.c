@@ -19,7 +19,7 @@
  * its data_ready path), so the counters of a splice have one writer.
  */
 #include <uapi/linux/bpf.h>
-#include "sosplice.h"
+#include "sosplice_maps.h"
 
 static __always_inline void notify(__u64 source, __u64 moved)
 {
@@ -61,7 +61,22 @@ int sk_skb_verdict(struct __sk_buff *skb)
 		return SK_PASS;
 	/* The slot may have been given to another splice since `slots` was
 	 * read (this source's splice ended meanwhile): its owner is checked
-	 * first, and a slot that is not ours, or no longer anyone's, passes. */
+	 * first, and a slot that is not ours, or no longer anyone's, passes.
+	 *
+	 * Stats-reset ordering (relied on here and in tcp_reset.c; kept by
+	 * _claim_slot in loader/sosplice/_sockmap.py): the controller zeroes
+	 * this slot's stats, then writes the ctl fields (a holding entry:
+	 * credit 0, copied never reached), then the owner `c->source`, and
+	 * only then inserts the source into `slots`. Its stores reach us in
+	 * that order (plain 8-byte stores, x86-64 keeps them in order), and
+	 * the owner is the first field we read. So once the owner is ours,
+	 * the stats we add to start from zero for this splice, not from the
+	 * previous owner's counts, and the ctl fields are this splice's:
+	 * every mix of old and new values before that passes uncounted. Were
+	 * the owner written before the reset, this splice's first bytes could
+	 * be counted into the previous owner's `passed` and `moved` and then
+	 * wiped by the reset, and the controller's accounting (passed ==
+	 * copied, moved against credit and the byte limit) would be off. */
 	if (READ_ONCE_U64(c->source) != cookie)
 		return SK_PASS;
 	/* The controller stores credit before copied; reading copied first

@@ -19,7 +19,7 @@
  */
 #include <net/sock.h>
 #include <net/tcp_states.h>
-#include "sosplice.h"
+#include "sosplice_maps.h"
 
 RAW_TRACEPOINT_PROBE(tcp_receive_reset)
 {
@@ -38,6 +38,10 @@ RAW_TRACEPOINT_PROBE(tcp_receive_reset)
 		return 0;
 	c = ctl.lookup(slot);
 	st = stats.lookup(slot);
+	/* The owner first: _claim_slot (loader/sosplice/_sockmap.py) zeroes
+	 * the stats before it names the owner (the stats-reset ordering, see
+	 * sk_skb_verdict.c), so an error recorded once the owner is ours is
+	 * never wiped by that reset. */
 	if (!c || !st || c->source != cookie)
 		return 0;
 	/* This runs before tcp_reset() acts. A reset after the peer's FIN

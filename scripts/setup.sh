@@ -3,8 +3,10 @@
 # Used by `make setup` (and so by `make test`, `make demo`, `make bench`).
 #
 #  1. Debian packages: bcc (python3-bpfcc), prometheus_client (for the
-#     proxy's metrics), kernel headers for bcc, and the
-#     peers used by tests and benchmarks.
+#     proxy's metrics), kernel headers for bcc, a C compiler and the UAPI
+#     headers (tests/test_internals.py checks the ctypes layouts against
+#     them), psutil (the benchmark's process accounting), and the peers
+#     used by tests and benchmarks.
 #  2. Kernel headers where the running kernel ships none (docs/kernel-notes.md):
 #     bcc wants /lib/modules/$(uname -r)/{build,source}; Debian's generic
 #     linux-headers-amd64 works for UAPI-only BPF code, which is all we write.
@@ -15,7 +17,7 @@ set -eu
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
-PKGS="python3-bpfcc python3-prometheus-client python3-venv python3-pip linux-headers-amd64 iproute2 tmux socat curl haproxy iperf3"
+PKGS="python3-bpfcc python3-prometheus-client python3-psutil python3-venv python3-pip linux-headers-amd64 gcc libc6-dev linux-libc-dev iproute2 tmux socat curl haproxy iperf3"
 missing=""
 for p in $PKGS; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -7,6 +7,8 @@ import errno
 import inspect
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +16,8 @@ import time
 
 import pytest
 
-from sosplice import _bpf, _maps, _splice
+from conftest import wait_until
+from sosplice import _bpf, _maps, _sock, _splice
 
 
 @pytest.mark.parametrize("record", ["_splice.SpliceRecord", "_sockmap.SockmapRecord",
@@ -34,22 +37,74 @@ def test_every_record_field_names_its_owner(record):
         assert m.group(1) in legend, f"{record}.{f.name}: unknown tag [{m.group(1)}]"
 
 
-def _c_sizeof(struct: str) -> int:
-    """sizeof(struct) as the C compiler sees bpf/sosplice.h."""
-    prog = f"""
-#include <stdio.h>
-#include <linux/types.h>
-#define BPF_SOCKHASH(...)
-#define BPF_HASH(...)
-#define BPF_F_TABLE(...)
-#define BPF_RINGBUF_OUTPUT(...)
-#include "sosplice.h"
-int main(void) {{ printf("%zu\\n", sizeof(struct {struct})); return 0; }}
+def _field_patterns(py: type[ct.Structure]) -> dict[str, bytes]:
+    """For each field of a ctypes struct: the struct's bytes with only
+    that field's bits set. Offset, size and (for bitfields) bit position
+    in one value, comparable with what C makes of the same field."""
+    out = {}
+    for name, ctype, *bits in py._fields_:
+        obj = py()
+        if bits:
+            setattr(obj, name, (1 << bits[0]) - 1)
+        else:
+            desc = getattr(py, name)
+            ct.memset(ct.addressof(obj) + desc.offset, 0xFF, desc.size)
+        out[name] = bytes(obj)
+    return out
+
+
+def _c_patterns(tmp_path, includes: list[str], struct: str,
+                fields: list[tuple[str, bool]]) -> tuple[int, dict[str, bytes]]:
+    """sizeof(struct `struct`) as the system C compiler sees it, and for
+    each (field, is_bitfield) the struct's bytes with only that field's
+    bits set (a bitfield is decremented from 0: all its bits, whatever its
+    width). A field the C struct lacks fails the compile."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (cc) to read the C headers with; scripts/setup.sh installs gcc")
+    sets = "\n".join(
+        f"\tmemset(&s, 0, sizeof(s)); "
+        + (f"s.{f}--;" if bitfield else f"memset(&s.{f}, 0xff, sizeof(s.{f}));")
+        + f' dump("{f}", &s);'
+        for f, bitfield in fields)
+    prog = "\n".join(f"#include {h}" for h in ["<stdio.h>", "<string.h>", *includes]) + f"""
+static void dump(const char *name, const struct {struct} *s)
+{{
+\tprintf("%s ", name);
+\tfor (size_t i = 0; i < sizeof(*s); i++)
+\t\tprintf("%02x", ((const unsigned char *)s)[i]);
+\tprintf("\\n");
+}}
+int main(void)
+{{
+\tstruct {struct} s;
+\tprintf("sizeof %zu\\n", sizeof(s));
+{sets}
+\treturn 0;
+}}
 """
-    exe = f"/tmp/sosplice-sizeof-{struct}"
-    subprocess.run(["cc", "-x", "c", "-I", str(_bpf.bpf_dir()), "-o", exe, "-"],
-                   input=prog.encode(), check=True)
-    return int(subprocess.run([exe], capture_output=True, check=True).stdout)
+    src, exe = tmp_path / f"{struct}.c", tmp_path / struct
+    src.write_text(prog)
+    r = subprocess.run([cc, "-Wall", "-Werror", "-I", str(_bpf.bpf_dir()), "-o", str(exe), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"{prog}\n{r.stderr}"
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    got = dict(zip(lines[::2], lines[1::2]))
+    return int(got.pop("sizeof")), {k: bytes.fromhex(v) for k, v in got.items()}
+
+
+def _check_layout(tmp_path, includes: list[str], struct: str, py: type[ct.Structure],
+                  prefix: bool = False) -> None:
+    """The ctypes struct has the C struct's layout, field by field, or
+    (prefix) is a prefix of it: the C struct past its end is beyond it."""
+    fields = [(name, bool(bits)) for name, _, *bits in py._fields_]
+    size, c = _c_patterns(tmp_path, includes, struct, fields)
+    if prefix:
+        assert ct.sizeof(py) <= size
+    else:
+        assert ct.sizeof(py) == size, f"sizeof(struct {struct})"
+    for name, want in _field_patterns(py).items():
+        assert c[name] == want.ljust(size, b"\0"), f"struct {struct}.{name}"
 
 
 @pytest.mark.parametrize("c_name, py", [
@@ -57,8 +112,57 @@ int main(void) {{ printf("%zu\\n", sizeof(struct {struct})); return 0; }}
     ("splice_stats", _maps.SpliceStats),
     ("splice_event", _maps.SpliceEvent),
 ])
-def test_ctypes_mirror_matches_header(c_name, py):
-    assert _c_sizeof(c_name) == ct.sizeof(py)
+def test_ctypes_mirror_matches_header(tmp_path, c_name, py):
+    """_maps.py's structs are bpf/sosplice_abi.h's, field for field."""
+    _check_layout(tmp_path, ['"sosplice_abi.h"'], c_name, py)
+
+
+def test_tcp_info_prefix_matches_uapi_header(tmp_path):
+    """_sock.TcpInfo is the head of the kernel's struct tcp_info, every
+    field (bitfields too) where <linux/tcp.h> puts it."""
+    _check_layout(tmp_path, ["<linux/tcp.h>"], "tcp_info", _sock.TcpInfo, prefix=True)
+
+
+def test_layout_check_sees_a_misplaced_field(tmp_path):
+    """The check above fails for a ctypes struct whose fields are in the
+    wrong order, or whose bitfields have the wrong widths."""
+    swapped = list(_sock.TcpInfo._fields_)
+    i = [f[0] for f in swapped].index("tcpi_bytes_acked")
+    swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
+    widths = [(n, t, 3) if n == "tcpi_snd_wscale" else (n, t, 5) if n == "tcpi_rcv_wscale"
+              else (n, t, *b) for n, t, *b in _sock.TcpInfo._fields_]
+    for fields in (swapped, widths):
+        bad = type("BadTcpInfo", (ct.Structure,), {"_fields_": fields})
+        with pytest.raises(AssertionError, match="struct tcp_info.tcpi_"):
+            _check_layout(tmp_path, ["<linux/tcp.h>"], "tcp_info", bad, prefix=True)
+
+
+def test_tcp_info_reads_a_real_connection():
+    """The fields the engine reads, on a connection with known traffic:
+    tcpi_state ESTABLISHED, tcpi_bytes_acked the bytes sent (plus the SYN
+    on the connecting side), tcpi_bytes_received the bytes received."""
+    ls = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(ls.getsockname())
+    b, _ = ls.accept()
+    ls.close()
+    with a, b:
+        a.sendall(b"x" * 100_000)
+        b.sendall(b"y" * 777)
+        got = 0
+        while got < 100_000:
+            got += len(b.recv(1 << 16))
+        assert a.recv(777, socket.MSG_WAITALL) == b"y" * 777
+        wait_until(lambda: _sock.bytes_acked(a) == 100_001 and _sock.bytes_acked(b) == 777, 5,
+                   "both ends' bytes acknowledged")
+        ia, ib = _sock.tcp_info(a), _sock.tcp_info(b)
+        assert (ia.tcpi_state, ib.tcpi_state) == (_sock.TCP_ESTABLISHED,) * 2
+        assert (ia.tcpi_bytes_received, ib.tcpi_bytes_received) == (777, 100_000)
+        assert ia.tcpi_snd_mss > 0 and ia.tcpi_rcv_wscale == ib.tcpi_snd_wscale
+        assert _sock.progress(a) == (_sock.TCP_ESTABLISHED, 100_001, 0)
+        assert _sock.tcp_state(a) == _sock.TCP_ESTABLISHED
+        a.shutdown(socket.SHUT_WR)
+        assert b.recv(1) == b""
+        assert _sock.tcp_state(b) == _sock.TCP_CLOSE_WAIT
 
 
 @pytest.mark.parametrize("release, ok", [

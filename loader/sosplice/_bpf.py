@@ -26,7 +26,7 @@ CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
 
-# Compiled as one object: they share the maps of sosplice.h.
+# Compiled as one object: they share the maps of sosplice_maps.h.
 SOURCES = ("sk_skb_verdict.c", "tcp_reset.c")
 
 BPF_ANY = 0

@@ -1,4 +1,5 @@
-"""ctypes mirrors of bpf/sosplice.h (a test checks that the sizes agree)."""
+"""ctypes mirrors of bpf/sosplice_abi.h (tests/test_internals.py checks every
+field's offset and size against the header)."""
 from __future__ import annotations
 
 import ctypes as ct

@@ -326,6 +326,12 @@ class SockmapSplicer(Splicer):
         a verdict that finds the source in `slots` either sees no owner
         (pass, uncounted: nothing is spliced yet) or a whole holding entry.
         """
+        # The stats-reset ordering: stats zeroed, then the ctl fields, then
+        # the owner, then `slots`; one 8-byte store each, which x86-64 makes
+        # visible in this order. The verdict (bpf/sk_skb_verdict.c, at its
+        # owner check) and tcp_reset.c read the owner first and rely on it:
+        # an owner that is theirs comes with zeroed stats and this ctl.
+        # Do not reorder these stores.
         st = self._prog.stats[rec.slot]
         st.moved = st.passed = st.last_ns = st.error = 0
         c = self._prog.ctl[rec.slot]  # a free slot has no owner (source 0)

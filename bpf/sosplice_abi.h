@@ -1,20 +1,21 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Shared between the kernel side (sk_skb_verdict.c) and the Python loader,
- * which mirrors these structs with ctypes (loader/sosplice/_maps.py; a test
- * compares the sizes). Every field is 64-bit so no padding can differ.
+ * The struct ABI shared by the kernel side and the Python loader, which
+ * mirrors these structs with ctypes (loader/sosplice/_maps.py; a test,
+ * tests/test_internals.py, compiles this header and compares every
+ * field's offset and size). Every field is 64-bit so no padding can
+ * differ. Plain C: no bcc macros, so any compiler can include it. The maps
+ * that hold these structs are in sosplice_maps.h.
  *
  * Who writes what (the same legend as the Python splice record):
  *   [C] the controller, from userspace, in place through an mmap;
  *   [K] the verdict program, in the kernel, in place.
  * A field is written by exactly one side, so neither needs a lock.
  */
-#ifndef SOSPLICE_H
-#define SOSPLICE_H
+#ifndef SOSPLICE_ABI_H
+#define SOSPLICE_ABI_H
 
-#ifndef SOSPLICE_MAX_SOCKETS
-#define SOSPLICE_MAX_SOCKETS 65536
-#endif
+#include <linux/types.h>
 
 /* Per splice, in slot `slot` of the `ctl` array. The controller writes the
  * fields in place through an mmap of the array, one 8-byte store each, and
@@ -46,16 +47,4 @@ struct splice_event {
 	__u64 moved;
 };
 
-/* Sources carry the verdict program; drains are only redirect targets and
- * carry none, so a drain's own incoming bytes take TCP's normal path and it
- * can leave its map without losing anything (docs/kernel-notes.md K7, K13). */
-BPF_SOCKHASH(sources, __u64, SOSPLICE_MAX_SOCKETS);
-BPF_SOCKHASH(drains, __u64, SOSPLICE_MAX_SOCKETS);
-/* Source cookie -> slot. Only inserted and deleted, never replaced, so the
- * element of a live splice never changes under the verdict. */
-BPF_HASH(slots, __u64, __u32, SOSPLICE_MAX_SOCKETS);
-BPF_F_TABLE("array", __u32, struct splice_ctl, ctl, SOSPLICE_MAX_SOCKETS, BPF_F_MMAPABLE);
-BPF_F_TABLE("array", __u32, struct splice_stats, stats, SOSPLICE_MAX_SOCKETS, BPF_F_MMAPABLE);
-BPF_RINGBUF_OUTPUT(events, 16);
-
-#endif /* SOSPLICE_H */
+#endif /* SOSPLICE_ABI_H */
