@@ -11,7 +11,6 @@ field carries one of these tags):
 """
 from __future__ import annotations
 
-import asyncio
 import enum
 import socket
 import threading
@@ -139,6 +138,7 @@ class Splice:
         return self._engine._unsplice_handle(self)
 
     def __await__(self) -> Generator[Any, None, int]:
+        import asyncio  # here, not at the top: splicectl ls/top import sosplice
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
 
