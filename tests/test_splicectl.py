@@ -685,6 +685,7 @@ def test_ls_fits_80_columns_with_a_dual_stack_listener(dual_stack):
 def test_render_cuts_long_addresses_before_numbers():
     """Addresses too long for 80 columns lose their left end, never their
     port, and no number is cut (a pure function: no kernel involved)."""
+    from sosplice.snapshot import EngineSnapshot
     from splicectl import view
     a, b = "2001:db8:aaaa:bbbb:cccc:dddd:eeee:1", "2001:db8:1111:2222:3333:4444:5555:2"
     doc = {"pid": 4194304, "time": time.time(), "splices": [
@@ -695,7 +696,7 @@ def test_render_cuts_long_addresses_before_numbers():
          "source_cookie": 2, "drain_cookie": 1, "bytes": 5, "kernel_bytes": 5,
          "state": "done", "error": 104, "age": 3.0}]}
     console = view.Console(width=80, record=True, file=io.StringIO())
-    console.print(view.render(view.snapshot_from_docs([doc]), width=80))
+    console.print(view.render(view.snapshot_from_docs([EngineSnapshot.from_json(doc)]), width=80))
     lines = console.export_text().splitlines()
     assert max(len(line) for line in lines) <= 80, lines
     assert "pid 4194304" in lines[0], lines
