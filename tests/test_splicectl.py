@@ -246,6 +246,39 @@ def test_ls_json_lists_live_splices(upstream, proxies):
         s.close()
 
 
+
+def test_ls_json_and_the_engine_agree_on_none(env, splicer):
+    """`ls --json` shows a splice as the engine's stats() and its snapshot
+    file do: error and idle null (None) while it is active and has no
+    limits, reason "-" (sosplice.reason_name); EOF and its limits once
+    ended."""
+    import sosplice
+    from sosplice import snapshot
+    L0, L1 = env.pair()
+    R0, R1 = env.pair()
+    X0, X1 = env.pair()
+    Y0, Y1 = env.pair()
+    live = splicer.splice(L1, R0)
+    ended = splicer.splice(X1, Y0, max=1000, idle=30.5)
+    X0.shutdown(socket.SHUT_WR)
+    assert ended.wait(timeout=5) == 0 and live.active
+    r = splicectl("ls", "--json", "--pid", str(os.getpid()))
+    assert r.returncode == 0, r.stderr
+    rows = {x["source_cookie"]: x for x in json.loads(r.stdout)}
+    infos = {i.source_cookie: i for i in splicer.stats()}
+    with open(snapshot.path_for(splicer)) as f:
+        raw = {s["source_cookie"]: s for s in json.load(f)["splices"]}
+    files = {i.source_cookie: i for s in snapshot.read([os.getpid()]) for i in s.splices}
+    assert len(infos) == 2 and set(infos) <= set(rows) & set(raw) & set(files), (rows, infos)
+    for c, i in infos.items():
+        row, fi = rows[c], files[c]
+        assert (row["error"], row["idle"], row["max"], row["state"]) == \
+            (raw[c]["error"], raw[c]["idle"], raw[c]["max"], raw[c]["state"]) == \
+            (i.error, i.idle, i.max, i.state) == (fi.error, fi.idle, fi.max, fi.state), (row, i)
+        assert row["reason"] == sosplice.reason_name(i.error)
+    assert sorted((rows[c]["reason"], rows[c]["error"], rows[c]["idle"]) for c in infos) == \
+        [("-", None, None), ("EOF", 0, 30.5)]
+
 @pytest.mark.parametrize("args", [
     ["proxy", "nonsense", "127.0.0.1:1"],
     ["proxy", "127.0.0.1:0", "127.0.0.1:99999"],
