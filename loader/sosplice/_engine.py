@@ -313,13 +313,7 @@ class Splicer:
         """One snapshot per live or recently dissolved splice."""
         with self._lock:
             self._expire_recent()
-            now = time.monotonic_ns()
-            out = []
-            for rec in [*self._live.values(), *self._recent]:
-                if rec.state is not State.DONE:
-                    self._refresh(rec)
-                out.append(self._info(rec, now))
-            return out
+            return self._infos()
 
     def close(self) -> None:
         """Unsplice everything (losslessly) and stop. Idempotent."""
@@ -432,12 +426,7 @@ class Splicer:
             return None
         if not self._live and not self._recent and not self._snapshot_written:
             return None
-        now = time.monotonic_ns()
-        rows = []
-        for rec in [*self._live.values(), *self._recent]:
-            if rec.state is not State.DONE:
-                self._refresh(rec)
-            rows.append(self._info(rec, now))
+        rows = self._infos()
         self._snapshot_next = now_s + builtins.max(CLOSE_SWEEP, (time.monotonic() - now_s) / SNAPSHOT_SHARE)
         return snap.EngineSnapshot.of(self.backend, rows)
 
@@ -489,6 +478,16 @@ class Splicer:
             return _sock.cookie(s)
         finally:
             s.close()
+
+    def _infos(self) -> list[SpliceInfo]:
+        """A row per live or recently dissolved splice (under the lock)."""
+        now = time.monotonic_ns()
+        out = []
+        for rec in [*self._live.values(), *self._recent]:
+            if rec.state is not State.DONE:
+                self._refresh(rec)
+            out.append(self._info(rec, now))
+        return out
 
     def _info(self, rec: SpliceRecord, now: int) -> SpliceInfo:
         end = rec.done_ns or now
