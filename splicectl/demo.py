@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from rich.console import Console, Group
 from rich.text import Text
+from sosplice import snapshot as published
 
 from . import view
 from .proxy import Options, Proxy
@@ -264,12 +265,10 @@ def run(args) -> int:
                       f"{args.seconds:g} s through a spliced proxy {view.fmt_addr(addr)} "
                       f"-> upstream {view.fmt_addr(upstream.addr)} (backend {px.engine.backend})")
         engine = px.engine
-        pid = os.getpid()
         prev: list = [None]
 
         def snapshot() -> view.Snapshot:
-            doc = {"pid": pid, "cmdline": "splicectl demo", "time": time.time(),
-                   "splices": [_info_dict(i) for i in engine.stats()]}
+            doc = published.EngineSnapshot.of(engine.backend, engine.stats(), "splicectl demo")
             prev[0] = view.snapshot_from_docs([doc], prev[0])
             return prev[0]
 
@@ -317,8 +316,3 @@ def run(args) -> int:
         if relay is not None:
             relay.close()
         upstream.close()
-
-
-def _info_dict(i) -> dict:
-    from dataclasses import asdict
-    return asdict(i)

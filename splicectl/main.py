@@ -6,7 +6,7 @@ import logging
 import math
 import sys
 
-from . import proxy as _proxy  # stdlib only: cheap for ls/top too
+from . import proxy as _proxy  # stdlib and sosplice (not bcc): cheap for ls/top too
 
 EPILOG = """\
 examples:
@@ -175,7 +175,7 @@ def _addr(*, listen: bool):
 
 
 class _Version(argparse.Action):
-    """--version: imports sosplice only when asked (ls/top start faster)."""
+    """--version: prints sosplice's version and exits."""
 
     def __init__(self, option_strings, dest, **kw) -> None:
         super().__init__(option_strings, dest, nargs=0, help="print the version and exit")

@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from sosplice import reason_name
+
 from . import proxyproto
 
 log = logging.getLogger("splicectl.proxy")
@@ -301,14 +303,6 @@ def fmt_peer(sa: tuple | list | None) -> str:
     if sa and str(sa[0]).startswith("::ffff:") and "." in str(sa[0]):
         sa = (str(sa[0])[7:], sa[1])
     return fmt_addr(sa)
-
-
-def reason_name(err: int | None) -> str:
-    if err is None:
-        return "-"
-    if err == 0:
-        return "EOF"
-    return errno.errorcode.get(err, str(err))
 
 
 # -- the proxy ---------------------------------------------------------------

@@ -1,17 +1,15 @@
 """`splicectl ls` and `splicectl top`: every splice on this host.
 
-Each sosplice engine writes a JSON snapshot of its splices to
-$SOSPLICE_RUN_DIR (default /run/sosplice)/<pid>-<id>.json every 0.2 s while
-a viewer keeps touching $SOSPLICE_RUN_DIR/watch (`ask()`), so engines spend
-nothing on it when nobody looks. `read_snapshot()` gathers them into one immutable `Snapshot`; `render()` is
-a pure function of a snapshot, so `ls`, `top` and `demo` draw the same
+Each sosplice engine publishes a snapshot of its splices while a viewer
+keeps asking (`sosplice.snapshot`: the files, their schema, watch and
+read), so engines spend nothing on it when nobody looks.
+`read_snapshot()` gathers them into one immutable `Snapshot`; `render()`
+is a pure function of a snapshot, so `ls`, `top` and `demo` draw the same
 table.
 """
 from __future__ import annotations
 
 import collections
-import errno
-import glob
 import json
 import os
 import sys
@@ -22,8 +20,7 @@ from typing import Any, Iterable
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
-
-RUN_DIR = os.environ.get("SOSPLICE_RUN_DIR", "/run/sosplice")
+from sosplice import SpliceInfo, reason_name, snapshot
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,22 @@ class Row:
     backend: str = ""      # the engine's backend: "bpf" or "worker"
     listener: str = ""     # splicectl proxy: the listener's HOST:PORT (the splice's label)
 
+    @classmethod
+    def of(cls, i: SpliceInfo, proc: str, rate: float, rate_measured: bool) -> Row:
+        """The row of one splice: its addresses as text, its reason named."""
+        return cls(
+            pid=i.pid, proc=proc,
+            source_local=fmt_addr(i.source[0]), source_peer=fmt_addr(i.source[1]),
+            drain_local=fmt_addr(i.drain[0]), drain_peer=fmt_addr(i.drain[1]),
+            source_cookie=i.source_cookie, drain_cookie=i.drain_cookie,
+            bytes=i.bytes, kernel_bytes=i.kernel_bytes, max=i.max, idle=i.idle,
+            state=i.state, error=i.error, reason=reason_name(i.error),
+            throttled=i.throttled, age=i.age, idle_for=i.idle_for,
+            rate=rate, rate_measured=rate_measured, backend=i.backend, listener=i.label,
+        )
+
     def as_json(self) -> dict[str, Any]:
+        """One object of `ls --json`."""
         return asdict(self)
 
 
@@ -68,24 +80,6 @@ def fmt_addr(sa: Any) -> str:
         return "-"
     host, port = sa[0], sa[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def reason_name(err: int | None) -> str:
-    if err is None:
-        return ""
-    if err == 0:
-        return "EOF"
-    return errno.errorcode.get(err, str(err))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _proc_name(pid: int, cmdline: str) -> str:
@@ -105,46 +99,33 @@ def _proc_name(pid: int, cmdline: str) -> str:
     return comm or (cmdline.split()[0] if cmdline else "?")
 
 
-def rows_from_doc(doc: dict, now: float, prev: dict, ftime: float) -> list[tuple[Row, tuple]]:
-    pid = int(doc.get("pid", 0))
-    proc = _proc_name(pid, doc.get("cmdline", ""))
+def rows_from_doc(doc: snapshot.EngineSnapshot, prev: dict) -> list[tuple[Row, tuple]]:
+    """The rows of one engine's snapshot, with their rates: between this
+    reading and `prev`'s ((pid, cookie) -> (file time, bytes)), else the
+    average since the start; and each row's stamp for the next reading."""
+    proc = _proc_name(doc.pid, doc.cmdline)
     out = []
-    for s in doc.get("splices", []):
-        src = s.get("source") or [None, None]
-        dst = s.get("drain") or [None, None]
-        b = int(s.get("bytes", 0))
-        age = float(s.get("age", 0.0))
-        k = (pid, int(s.get("source_cookie", 0)))
-        rate, measured = (b / age if age > 0 else 0.0), False
+    for i in doc.splices:
+        k = (i.pid, i.source_cookie)
+        rate, measured = (i.bytes / i.age if i.age > 0 else 0.0), False
         if k in prev:
             pt, pb = prev[k]
-            if ftime > pt:
-                rate, measured = max(0.0, (b - pb) / (ftime - pt)), True
-        if s.get("state") == "done":
+            if doc.time > pt:
+                rate, measured = max(0.0, (i.bytes - pb) / (doc.time - pt)), True
+        if i.state == "done":
             rate, measured = 0.0, True
-        err = s.get("error")
-        row = Row(
-            pid=pid, proc=proc,
-            source_local=fmt_addr(src[0]), source_peer=fmt_addr(src[1]),
-            drain_local=fmt_addr(dst[0]), drain_peer=fmt_addr(dst[1]),
-            source_cookie=k[1], drain_cookie=int(s.get("drain_cookie", 0)),
-            bytes=b, kernel_bytes=int(s.get("kernel_bytes", 0) or 0), max=int(s.get("max", 0) or 0), idle=s.get("idle"),
-            state=str(s.get("state", "?")), error=err, reason=reason_name(err),
-            throttled=bool(s.get("throttled", False)), age=age,
-            idle_for=float(s.get("idle_for", 0.0)), rate=rate, rate_measured=measured,
-            backend=str(doc.get("backend", "")), listener=str(s.get("label") or ""),
-        )
-        out.append((row, (k, ftime, b)))
+        out.append((Row.of(i, proc, rate, measured), (k, doc.time, i.bytes)))
     return out
 
 
-def snapshot_from_docs(docs: Iterable[dict], prev: Snapshot | None = None) -> Snapshot:
+def snapshot_from_docs(docs: Iterable[snapshot.EngineSnapshot],
+                       prev: Snapshot | None = None) -> Snapshot:
     now = time.time()
     pmap = {k: (t, b) for k, t, b in (prev.stamps if prev else ())}
     rows, stamps, n = [], [], 0
     for doc in docs:
         n += 1
-        for row, stamp in rows_from_doc(doc, now, pmap, float(doc.get("time", now))):
+        for row, stamp in rows_from_doc(doc, pmap):
             rows.append(row)
             k = stamp[0]
             # Same file as last time (not rewritten yet): keep the last rate.
@@ -158,77 +139,8 @@ def snapshot_from_docs(docs: Iterable[dict], prev: Snapshot | None = None) -> Sn
     return Snapshot(time=now, rows=tuple(rows), engines=n, stamps=tuple(stamps))
 
 
-def ask(run_dir: str = RUN_DIR) -> float:
-    """Ask every engine to publish for the next few seconds; return when.
-
-    Best effort: without write access to `run_dir` the engines publish
-    only while someone else asks.
-    """
-    now = time.time()
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, "watch")
-        with open(path, "a"):
-            pass
-        os.utime(path, (now, now))
-    except OSError:
-        pass
-    return now
-
-
-def read_fresh_docs(run_dir: str = RUN_DIR, pids: Iterable[int] = (),
-                    wait: float = 1.0) -> list[dict]:
-    """`ask()`, then the snapshots once every engine with splices has
-    answered (or after `wait` seconds, with what there is)."""
-    asked = ask(run_dir)
-    # An engine that has never published has no file to wait for: give
-    # every engine one publishing period (0.2 s) to answer.
-    first = time.monotonic() + 0.3
-    deadline = time.monotonic() + wait
-    while True:
-        time.sleep(0.05)
-        docs = read_docs(run_dir, pids)
-        stale = [d for d in docs if d.get("splices") and d.get("time", 0) < asked]
-        now = time.monotonic()
-        if now >= first and not stale or now >= deadline:
-            return docs
-
-
-def read_docs(run_dir: str = RUN_DIR, pids: Iterable[int] = ()) -> list[dict]:
-    """The live engines' snapshots; only those of `pids` if any are given."""
-    pids = set(pids)
-    docs = []
-    for path in glob.glob(os.path.join(run_dir, "*.json.tmp")):
-        pid = os.path.basename(path).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            _remove(path)  # a killed process's unfinished write
-    for path in sorted(glob.glob(os.path.join(run_dir, "*.json"))):
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except (OSError, ValueError):
-            continue  # being replaced, or removed: the next reading has it
-        pid = doc.get("pid")
-        if isinstance(pid, int) and not _alive(pid):
-            _remove(path)  # left by a process that was killed
-            _remove(path + ".tmp")
-            continue
-        if not isinstance(pid, int) or pids and pid not in pids:
-            continue
-        docs.append(doc)
-    return docs
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def read_snapshot(prev: Snapshot | None = None, run_dir: str = RUN_DIR,
-                  pids: Iterable[int] = ()) -> Snapshot:
-    return snapshot_from_docs(read_docs(run_dir, pids), prev)
+def read_snapshot(prev: Snapshot | None = None, pids: Iterable[int] = ()) -> Snapshot:
+    return snapshot_from_docs(snapshot.read(pids), prev)
 
 
 # -- connections: the two splices of one socket pair -----------------------------
@@ -580,7 +492,7 @@ def _console(wide: bool) -> Console:
 # -- commands ------------------------------------------------------------------
 
 def ls(args) -> int:
-    snap = snapshot_from_docs(read_fresh_docs(pids=args.pid))
+    snap = snapshot_from_docs(snapshot.read_fresh(args.pid))
     if getattr(args, "json", False):
         rows = sorted(snap.rows, key=lambda r: SORT_KEYS[args.sort](Pair(r)))
         json.dump([r.as_json() for r in rows], sys.stdout, indent=1)
@@ -636,7 +548,7 @@ def top(args) -> int:
     console = _console(args.wide)
     sort = args.sort
     history: collections.deque[tuple[float, float]] = collections.deque()
-    snap = snapshot_from_docs(read_fresh_docs(pids=args.pid))
+    snap = snapshot_from_docs(snapshot.read_fresh(args.pid))
 
     def frame() -> Group:
         history.append((snap.time, total_rate(snap)))
@@ -656,7 +568,7 @@ def top(args) -> int:
                 if args.count and n >= args.count:
                     return 0
                 time.sleep(args.interval)
-                ask()
+                snapshot.watch()
                 snap = read_snapshot(snap, pids=args.pid)
         except KeyboardInterrupt:
             return 0
@@ -683,7 +595,7 @@ def top(args) -> int:
                         live.update(frame(), refresh=True)
                 if quit_:
                     break
-                ask()
+                snapshot.watch()
                 snap = read_snapshot(snap, pids=args.pid)
     except KeyboardInterrupt:
         pass

@@ -372,3 +372,36 @@ def test_app_making_a_spliced_socket_blocking_stalls_nothing(env):
             assert recv_exactly(o[3], 3000) == b"z" * 3000
     assert unsplice(sp) == 15000
     assert [unsplice(s) for s in sps] == [9000] * 4
+
+
+def test_splice_info_round_trips_through_json(env, splicer):
+    """SpliceInfo.to_json() through JSON text and back (from_json) is the
+    same SpliceInfo: a live splice without limits (None), an ended one
+    with limits and a label, IPv4 and IPv6 (4-tuple) addresses; so is a
+    whole EngineSnapshot. A row missing keys reads as their zeros."""
+    import json
+
+    from sosplice.snapshot import EngineSnapshot
+    L0, L1 = env.pair()
+    R0, R1 = env.pair(socket.AF_INET6)
+    live = splicer.splice(L1, R0)
+    X0, X1 = env.pair(socket.AF_INET6)
+    Y0, Y1 = env.pair()
+    ended = splicer.splice(X1, Y0, max=1000, idle=30.5, label="[::1]:8443")
+    X0.sendall(b"x" * 10)
+    X0.shutdown(socket.SHUT_WR)
+    assert ended.wait(timeout=5) == 0 and live.active
+    infos = splicer.stats()
+    assert sorted((i.idle, i.error) for i in infos if i.state != "done") == [(None, None)]
+    assert len(infos) == 2 and {len(i.source[1]) for i in infos} == {2, 4}
+    for info in infos:
+        text = json.dumps(info.to_json())
+        assert sosplice.SpliceInfo.from_json(json.loads(text)) == info, text
+    snap = EngineSnapshot.of(splicer.backend, infos)
+    assert EngineSnapshot.from_json(json.loads(json.dumps(snap.to_json()))) == snap
+    assert sosplice.SpliceInfo.from_json({}, pid=7, backend="worker") == sosplice.SpliceInfo(
+        source=(None, None), drain=(None, None), source_cookie=0, drain_cookie=0, bytes=0,
+        kernel_bytes=0, max=0, idle=None, state="?", error=None, throttled=False, age=0.0,
+        idle_for=0.0, pid=7, backend="worker", label="")
+    assert [sosplice.reason_name(e) for e in (None, 0, errno.ECONNRESET, 4095)] == \
+        ["-", "EOF", "ECONNRESET", "4095"]

@@ -246,6 +246,39 @@ def test_ls_json_lists_live_splices(upstream, proxies):
         s.close()
 
 
+
+def test_ls_json_and_the_engine_agree_on_none(env, splicer):
+    """`ls --json` shows a splice as the engine's stats() and its snapshot
+    file do: error and idle null (None) while it is active and has no
+    limits, reason "-" (sosplice.reason_name); EOF and its limits once
+    ended."""
+    import sosplice
+    from sosplice import snapshot
+    L0, L1 = env.pair()
+    R0, R1 = env.pair()
+    X0, X1 = env.pair()
+    Y0, Y1 = env.pair()
+    live = splicer.splice(L1, R0)
+    ended = splicer.splice(X1, Y0, max=1000, idle=30.5)
+    X0.shutdown(socket.SHUT_WR)
+    assert ended.wait(timeout=5) == 0 and live.active
+    r = splicectl("ls", "--json", "--pid", str(os.getpid()))
+    assert r.returncode == 0, r.stderr
+    rows = {x["source_cookie"]: x for x in json.loads(r.stdout)}
+    infos = {i.source_cookie: i for i in splicer.stats()}
+    with open(snapshot.path_for(splicer)) as f:
+        raw = {s["source_cookie"]: s for s in json.load(f)["splices"]}
+    files = {i.source_cookie: i for s in snapshot.read([os.getpid()]) for i in s.splices}
+    assert len(infos) == 2 and set(infos) <= set(rows) & set(raw) & set(files), (rows, infos)
+    for c, i in infos.items():
+        row, fi = rows[c], files[c]
+        assert (row["error"], row["idle"], row["max"], row["state"]) == \
+            (raw[c]["error"], raw[c]["idle"], raw[c]["max"], raw[c]["state"]) == \
+            (i.error, i.idle, i.max, i.state) == (fi.error, fi.idle, fi.max, fi.state), (row, i)
+        assert row["reason"] == sosplice.reason_name(i.error)
+    assert sorted((rows[c]["reason"], rows[c]["error"], rows[c]["idle"]) for c in infos) == \
+        [("-", None, None), ("EOF", 0, 30.5)]
+
 @pytest.mark.parametrize("args", [
     ["proxy", "nonsense", "127.0.0.1:1"],
     ["proxy", "127.0.0.1:0", "127.0.0.1:99999"],
@@ -685,6 +718,7 @@ def test_ls_fits_80_columns_with_a_dual_stack_listener(dual_stack):
 def test_render_cuts_long_addresses_before_numbers():
     """Addresses too long for 80 columns lose their left end, never their
     port, and no number is cut (a pure function: no kernel involved)."""
+    from sosplice.snapshot import EngineSnapshot
     from splicectl import view
     a, b = "2001:db8:aaaa:bbbb:cccc:dddd:eeee:1", "2001:db8:1111:2222:3333:4444:5555:2"
     doc = {"pid": 4194304, "time": time.time(), "splices": [
@@ -695,7 +729,7 @@ def test_render_cuts_long_addresses_before_numbers():
          "source_cookie": 2, "drain_cookie": 1, "bytes": 5, "kernel_bytes": 5,
          "state": "done", "error": 104, "age": 3.0}]}
     console = view.Console(width=80, record=True, file=io.StringIO())
-    console.print(view.render(view.snapshot_from_docs([doc]), width=80))
+    console.print(view.render(view.snapshot_from_docs([EngineSnapshot.from_json(doc)]), width=80))
     lines = console.export_text().splitlines()
     assert max(len(line) for line in lines) <= 80, lines
     assert "pid 4194304" in lines[0], lines

@@ -19,16 +19,18 @@ import atexit
 import socket
 import threading
 
+from . import snapshot
 from ._bpf import MIN_KERNEL
 from ._engine import DEFAULT_BACKLOG_CAP, Splicer
-from ._splice import Splice, SpliceInfo
+from .snapshot import SpliceInfo, reason_name
+from ._splice import Splice
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "Splice", "SpliceInfo", "Splicer", "splice", "splice_pair", "unsplice",
-    "getsplice", "geterror",
-    "default_engine", "DEFAULT_BACKLOG_CAP", "MIN_KERNEL",
+    "getsplice", "geterror", "default_engine", "reason_name", "snapshot",
+    "DEFAULT_BACKLOG_CAP", "MIN_KERNEL",
 ]
 
 for _name in ("Splice", "SpliceInfo", "Splicer"):

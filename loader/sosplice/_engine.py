@@ -14,7 +14,8 @@ the backend's subclass:
 The subclass owns how bytes move and when a splice is flushed; this class
 owns everything the application sees: validation and errors, the tables
 of live and ended splices, reporting each end once (`_report`), `stats()`
-and the snapshots `splicectl ls/top` read.
+and when to publish the snapshots `splicectl ls/top` read (their schema
+and files: `snapshot`).
 
 Lock: `Splicer._lock` guards the tables below and every record's
 transition to DONE. A backend may add its own finer locks; it takes them
@@ -25,7 +26,6 @@ from __future__ import annotations
 import builtins
 import collections
 import errno
-import json
 import math
 import os
 import socket
@@ -34,8 +34,10 @@ import threading
 import time
 from typing import Any, Callable
 
+from . import snapshot as snap
 from . import _sock
-from ._splice import Splice, SpliceInfo, SpliceRecord, State
+from .snapshot import SpliceInfo
+from ._splice import Splice, SpliceRecord, State
 
 DEFAULT_BACKLOG_CAP = 4 << 20
 MIN_BACKLOG_CAP = 64 << 10
@@ -52,11 +54,8 @@ RECENT = 60.0
 # second would otherwise keep hundreds of thousands of records alive, in
 # memory and in every pass of Python's garbage collector.
 RECENT_MAX = 4096
-# Where engines publish snapshots for `splicectl ls` and `top`, while a
-# viewer keeps touching WATCH; at most SNAPSHOT_SHARE of the time goes to it.
-RUN_DIR = os.environ.get("SOSPLICE_RUN_DIR", "/run/sosplice")
-WATCH = os.path.join(RUN_DIR, "watch")
-WATCH_TTL = 5.0
+# Publishing snapshots for `splicectl ls` and `top` (`snapshot`) takes at
+# most this share of the time.
 SNAPSHOT_SHARE = 0.02
 
 
@@ -249,7 +248,7 @@ class Splicer:
         self._reaped: list[Splice] = []
         self._closed = False      # close() has finished
         self._closing = False     # close() has begun: no new splice
-        self._snapshot_path = os.path.join(RUN_DIR, f"{os.getpid()}-{id(self):x}.json")
+        self._snapshot_path = snap.path_for(self)
         self._snapshot_written = False
         self._snapshot_next = 0.0         # time.monotonic() of the next one allowed
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -405,13 +404,7 @@ class Splicer:
         """One snapshot per live or recently dissolved splice."""
         with self._lock:
             self._expire_recent()
-            now = time.monotonic_ns()
-            out = []
-            for rec in [*self._live.values(), *self._recent]:
-                if rec.state is not State.DONE:
-                    self._refresh(rec)
-                out.append(self._info(rec, now))
-            return out
+            return self._infos()
 
     def close(self) -> None:
         """Unsplice everything (losslessly) and stop. Idempotent."""
@@ -508,59 +501,43 @@ class Splicer:
         if len(self._last) > 4 * len(self._live) + 1024:
             self._expire_more(cutoff)
 
-    def _snapshot(self) -> dict | None:
+    def _snapshot(self) -> snap.EngineSnapshot | None:
         """This engine's splices for `splicectl ls/top`, if one is watching.
 
         Called under the lock every CLOSE_SWEEP; the caller writes the
         result with `_write_snapshot` after releasing it. Nothing is built
         unless a viewer touched RUN_DIR/watch in the last WATCH_TTL
-        seconds, and never more often than SNAPSHOT_SHARE of the time the
-        last one took: a snapshot of thousands of splices costs
-        milliseconds, which must not slow the splices themselves.
+        seconds (`snapshot.watched`), and never more often than
+        SNAPSHOT_SHARE of the time the last one took: a snapshot of
+        thousands of splices costs milliseconds, which must not slow the
+        splices themselves.
         """
         now_s = time.monotonic()
         if now_s < self._snapshot_next:
             return None
-        try:
-            watched = time.time() - os.stat(WATCH).st_mtime < WATCH_TTL
-        except OSError:
-            watched = False
-        if not watched:
+        if not snap.watched():
             self._snapshot_next = now_s + CLOSE_SWEEP
             return None
         if not self._live and not self._recent and not self._snapshot_written:
             return None
-        now = time.monotonic_ns()
-        rows = []
-        for rec in [*self._live.values(), *self._recent]:
-            if rec.state is not State.DONE:
-                self._refresh(rec)
-            rows.append(self._info(rec, now).__dict__)
+        rows = self._infos()
         self._snapshot_next = now_s + builtins.max(CLOSE_SWEEP, (time.monotonic() - now_s) / SNAPSHOT_SHARE)
-        return {"pid": os.getpid(), "backend": self.backend, "time": time.time(),
-                "cmdline": _cmdline(), "splices": rows}
+        return snap.EngineSnapshot.of(self.backend, rows)
 
-    def _write_snapshot(self, doc: dict | None) -> None:
+    def _write_snapshot(self, doc: snap.EngineSnapshot | None) -> None:
         """Replace this engine's snapshot file atomically (no lock needed)."""
         if doc is None:
             return
         t0 = time.monotonic()
         try:
-            os.makedirs(RUN_DIR, exist_ok=True)
-            tmp = self._snapshot_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(doc, f, default=str)
-            os.replace(tmp, self._snapshot_path)
-            self._snapshot_written = bool(doc["splices"])
+            snap.write(self._snapshot_path, doc)
+            self._snapshot_written = bool(doc.splices)
         except OSError:
             pass
         self._snapshot_next += (time.monotonic() - t0) / SNAPSHOT_SHARE
 
     def _remove_snapshot(self) -> None:
-        try:
-            os.unlink(self._snapshot_path)
-        except OSError:
-            pass
+        snap.remove(self._snapshot_path)
 
     # -- helpers for the handle --------------------------------------------
 
@@ -596,6 +573,16 @@ class Splicer:
         finally:
             s.close()
 
+    def _infos(self) -> list[SpliceInfo]:
+        """A row per live or recently dissolved splice (under the lock)."""
+        now = time.monotonic_ns()
+        out = []
+        for rec in [*self._live.values(), *self._recent]:
+            if rec.state is not State.DONE:
+                self._refresh(rec)
+            out.append(self._info(rec, now))
+        return out
+
     def _info(self, rec: SpliceRecord, now: int) -> SpliceInfo:
         end = rec.done_ns or now
         return SpliceInfo(
@@ -607,10 +594,3 @@ class Splicer:
             pid=os.getpid(), backend=self.backend, label=rec.label,
         )
 
-
-def _cmdline() -> str:
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""

@@ -11,11 +11,10 @@ field carries one of these tags):
 """
 from __future__ import annotations
 
-import asyncio
 import enum
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generator, final
 
 if TYPE_CHECKING:
@@ -147,6 +146,7 @@ class Splice:
         return self._engine._unsplice_handle(self)
 
     def __await__(self) -> Generator[Any, None, int]:
+        import asyncio  # here, not at the top: splicectl ls/top import sosplice
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
 
@@ -162,24 +162,3 @@ class Splice:
         state = "active" if self.active else f"error={self.error}"
         return f"<Splice {where} bytes={self.bytes} {state}>"
 
-
-@dataclass(frozen=True)
-class SpliceInfo:
-    """One row of `Splicer.stats()`: a snapshot, safe to keep."""
-
-    source: tuple[Any, Any]        # (local address, peer address)
-    drain: tuple[Any, Any]
-    source_cookie: int
-    drain_cookie: int
-    bytes: int
-    kernel_bytes: int              # of `bytes`, moved without a copy through the process
-    max: int
-    idle: float | None
-    state: str                     # "active", "dissolving" or "done"
-    error: int | None
-    throttled: bool                # bytes wait for the drain (bpf: the controller's copy path)
-    age: float                     # seconds since the splice started
-    idle_for: float                # seconds since the last byte moved
-    pid: int = field(default=0)
-    backend: str = field(default="")   # "bpf" or "worker"
-    label: str = field(default="")     # splice(label=): the application's name for it
