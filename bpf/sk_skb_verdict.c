@@ -87,8 +87,10 @@ int sk_skb_verdict(struct __sk_buff *skb)
 	credit = READ_ONCE_U64(c->credit);
 	drain = READ_ONCE_U64(c->drain);
 
-	moved = st->moved;
-	if (st->passed != copied || moved + len > credit) {
+	/* Volatile too: a plain load may be hoisted above the owner check,
+	 * and would then read the previous owner's counts (see above). */
+	moved = READ_ONCE_U64(st->moved);
+	if (READ_ONCE_U64(st->passed) != copied || moved + len > credit) {
 		st->passed += len;
 		return SK_PASS;
 	}
