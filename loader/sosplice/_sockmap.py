@@ -308,15 +308,14 @@ class SockmapSplicer(Splicer):
             self._at(rec, rec.started_ns + rec.idle_ns)
         # A splice the verdict can run alone needs no look until an event:
         # the ring buffer's at half credit, EPOLLIN for a passed skb (epoll
-        # reports a source already readable when it is registered). Waking
-        # the controller for every splice cost a proxy a thread switch per
-        # direction; nor does a timer due after the controller's planned
-        # wake-up need one (_run).
-        soon = bool(rec.pending) or rec.fifo > 0 or rec.paused or rec.unmapped or rec.eof
-        if soon:
-            self._later(rec)
-        if soon or rec.idle_ns and rec.started_ns + rec.idle_ns < self._sleeps_until:
-            self._reactor.kick()
+        # reports a source already readable when it is registered). One
+        # that cannot (bytes taken at the start, a resplice's queue, EOF)
+        # takes its first step here, in the caller's thread, under the
+        # lock like every step: a proxy's client has usually sent its
+        # first bytes before the splice, and handing them to the
+        # controller cost a thread switch and a wake-up per connection.
+        if rec.pending or rec.fifo > 0 or rec.paused or rec.unmapped or rec.eof:
+            self._move(rec)
 
     def _claim_slot(self, rec: SockmapRecord) -> None:
         """Give the record's slot its owner, holding the verdict (it passes
@@ -552,7 +551,10 @@ class SockmapSplicer(Splicer):
         return max(0.0, t)
 
     def _at(self, rec: SockmapRecord, when_ns: int) -> None:
+        """Step `rec` at `when_ns` (under the lock, from any thread)."""
         self._reactor.at(when_ns, rec)
+        if when_ns < self._sleeps_until and threading.current_thread() is not self._thread:
+            self._reactor.kick()
 
     def _later(self, rec: SockmapRecord) -> None:
         """Look at `rec` again soon: sooner while the drain makes progress.
@@ -581,7 +583,7 @@ class SockmapSplicer(Splicer):
         Returns with the splice either progressing, or dissolving, or done;
         when it must look again without an event it arms a timer (_later).
         """
-        if rec.eof and rec.state is State.ACTIVE:
+        if rec.eof:
             # TCP wakes us for a FIN (tcp_fin) before it runs the verdict
             # on the data of the same segment (tcp_data_ready). TCP_INFO
             # takes the socket lock, which that softirq holds throughout:
@@ -609,7 +611,10 @@ class SockmapSplicer(Splicer):
             if not rec.pending and written >= rec.moved + rec.sent:
                 # Confirm on a second reading: a verdict that looked up ctl
                 # just before _dissolve deleted it may still be counting.
-                if rec.flushed_once:
+                # Not after EOF (or a reset): nothing arrives after it, and
+                # the verdicts of what came before have all counted (the
+                # tcp_state() barrier at the top of the step that saw it).
+                if rec.flushed_once or rec.eof:
                     self._finish(rec)
                     return
                 rec.flushed_once = True
