@@ -482,7 +482,11 @@ class Proxy:
                 self.engine = self.engine_factory()
             else:
                 import sosplice
-                kw = {} if cfg.backlog_cap is None else {"backlog_cap": cfg.backlog_cap}
+                # thread=False: this loop drives the bpf engine (_reap), so no
+                # controller thread contends with it for the GIL and the lock.
+                kw = {"thread": False}
+                if cfg.backlog_cap is not None:
+                    kw["backlog_cap"] = cfg.backlog_cap
                 try:
                     self.engine = sosplice.Splicer(backend=cfg.backend, **kw)
                 except OSError as e:    # backend "bpf" asked for and not loadable
@@ -635,7 +639,7 @@ class Proxy:
                     if kind == "listen":
                         self._accept(obj)
                     elif kind == "engine":
-                        self._reap()
+                        pass   # reaped below
                     elif kind == "connect":
                         self._connected(obj)
                     elif kind == "wake":
@@ -644,6 +648,9 @@ class Proxy:
                         self._metrics_accept()
                     elif kind == "http":
                         self._metrics_serve(key.fileobj, obj)
+                # Every pass: an engine without a thread (bpf) is driven
+                # here, and a threaded one's reap() is a cheap eventfd read.
+                self._reap()
                 now = time.monotonic()
                 self._check_connect_timeouts(now)
                 self._check_idle(now)
@@ -666,6 +673,8 @@ class Proxy:
             t = min(t, self.accept_again - now)
         if self.stopping:
             t = min(t, self.stop_deadline - now)
+        if (e := self.engine.timeout()) is not None:
+            t = min(t, e)
         return max(0.0, t)
 
     def _on_wake(self) -> None:

@@ -193,6 +193,12 @@ class Splicer:
             the two sockets' buffers; past it the drain's slowness reaches
             the source's peer through TCP flow control. 64 KiB to 256 MiB.
         max_sockets: size of the kernel maps (bpf backend).
+        thread: False (bpf): run no controller thread; the application's
+            event loop drives the engine instead: call `reap()` whenever
+            `fileno()` is readable and at the latest `timeout()` seconds
+            after the last call. Saves a thread switch and the lock
+            handoffs per splice in a single-threaded proxy. The worker
+            backend always runs its threads.
 
     Raises:
         ValueError: an unknown backend or a backlog_cap out of range.
@@ -233,7 +239,7 @@ class Splicer:
         return self
 
     def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
-                 max_sockets: int = 65536) -> None:
+                 max_sockets: int = 65536, thread: bool = True) -> None:
         _check_backlog_cap(backlog_cap)
         self.backlog_cap = backlog_cap
         self._lock = threading.RLock()
@@ -387,8 +393,17 @@ class Splicer:
             return self._unreported.pop(c, 0)
 
     def fileno(self) -> int:
-        """An fd that is readable while some dissolved splice is unreaped."""
+        """An fd that is readable while some dissolved splice is unreaped.
+
+        With thread=False (bpf), readable whenever the engine has work:
+        call reap() then, and at the latest timeout() seconds later."""
         return self._ready
+
+    def timeout(self) -> float | None:
+        """With thread=False: seconds until the engine must be driven again
+        (a reap() call) even if fileno() stays quiet. None: never (the
+        engine runs its own threads)."""
+        return None
 
     def reap(self) -> list[Splice]:
         """Splices that dissolved since the last call; clears `fileno()`."""
@@ -541,6 +556,10 @@ class Splicer:
 
     # -- helpers for the handle --------------------------------------------
 
+    def _wait(self, handle: Splice, timeout: float | None) -> bool:
+        """Wait until `handle` has ended: True, or False after `timeout` s."""
+        return handle._done.wait(timeout)
+
     def _unsplice_handle(self, handle: Splice) -> int:
         with self._lock:
             rec = handle._rec
@@ -552,6 +571,8 @@ class Splicer:
         rec = handle._rec
         if rec is None:
             return 0
+        if handle._done.is_set():   # final: no lock needed
+            return rec.kernel_bytes if kernel else rec.bytes
         with self._lock:
             if rec.state is not State.DONE:
                 self._refresh(rec)

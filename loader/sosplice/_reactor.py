@@ -74,13 +74,21 @@ class Reactor:
         except OSError:
             pass
 
-    def poll(self, timeout: float) -> tuple[bool, list[tuple[Any, int, int]]]:
-        """Wait up to `timeout` s: (woken, [(record, role, events)]).
+    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        """Wait up to `timeout` s (None: for ever) for events: [(fd, events)].
 
         Raises OSError/ValueError once the epoll is closed."""
+        return self.ep.poll(-1 if timeout is None else timeout)
+
+    def dispatch(self, events: list[tuple[int, int]]) -> tuple[bool, list[tuple[Any, int, int]]]:
+        """(woken, [(record, role, events)]) for what poll() returned; fds
+        that are not sockets of ours come back as (None, fd, events).
+
+        Called under the same lock as watch/modify/unwatch: a record is
+        handed an event only while it holds its role."""
         woken = False
         out = []
-        for fd, ev in self.ep.poll(timeout):
+        for fd, ev in events:
             if fd == self.wake_fd:
                 try:
                     os.eventfd_read(self.wake_fd)
@@ -90,7 +98,7 @@ class Reactor:
                 continue
             port = self._ports.get(fd)
             if port is None:
-                out.append((None, fd, ev))   # not a socket of ours: the owner's
+                out.append((None, fd, ev))
                 continue
             for role in (SOURCE, DRAIN):
                 rec = port[2 * role]

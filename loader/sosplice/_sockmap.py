@@ -192,7 +192,7 @@ class SockmapSplicer(Splicer):
     backend = "bpf"
 
     def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
-                 max_sockets: int = 65536) -> None:
+                 max_sockets: int = 65536, thread: bool = True) -> None:
         super().__init__(backlog_cap=backlog_cap)
         # Loaded already when Splicer(backend="auto") chose this class.
         self._prog = self.__dict__.pop("_programs", None) or adopt_programs(max_sockets)
@@ -214,8 +214,16 @@ class SockmapSplicer(Splicer):
             _CLAIMED[c] = self
         self._reactor.ep.register(self._prog.events_fd, select.EPOLLIN)
         self._rb_hit: list[int] = []
-        self._thread = threading.Thread(target=self._run, name="sosplice-controller", daemon=True)
-        self._thread.start()
+        self._next_sweep = time.monotonic() + CLOSE_SWEEP
+        self._thread: threading.Thread | None = None
+        if thread:
+            self._thread = threading.Thread(target=self._run, name="sosplice-controller", daemon=True)
+            self._thread.start()
+        else:
+            # No controller thread: the application's loop drives the
+            # engine (reap(), timeout()), and waits on the reactor's epoll,
+            # which the ended splices' eventfd makes readable too.
+            self._reactor.ep.register(self._ready, select.EPOLLIN)
 
     def close(self) -> None:
         """Unsplice everything (losslessly) and unload the programs. Idempotent."""
@@ -230,13 +238,13 @@ class SockmapSplicer(Splicer):
             self._reactor.kick()
         deadline = time.monotonic() + 10
         for rec in list(self._live.values()):
-            rec.handle._done.wait(max(0.0, deadline - time.monotonic()))
+            self._wait(rec.handle, max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._closed = True
             for rec in list(self._live.values()):  # a drain that never flushed
                 self._finish(rec)
         self._reactor.kick()
-        if threading.current_thread() is not self._thread:
+        if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join()
         self._reactor.close()
         self._remove_snapshot()
@@ -503,49 +511,86 @@ class SockmapSplicer(Splicer):
     # -- the controller -----------------------------------------------------
 
     def _run(self) -> None:
-        next_sweep = time.monotonic() + CLOSE_SWEEP
+        """The controller thread."""
         while True:
             # Unknown while it is computed: a timer armed meanwhile wakes us.
             self._sleeps_until = 1 << 63
-            timeout = self._timeout(next_sweep)
+            timeout = self._timeout()
             self._sleeps_until = time.monotonic_ns() + int(timeout * 1e9)
-            try:
-                _, events = self._reactor.poll(timeout)
-            except (OSError, ValueError):
+            if not self._step(timeout):
                 return
-            snapshot = None
-            with self._lock:
-                if self._closed:
-                    return
-                work: set[SockmapRecord] = set()
-                for rec, role, ev in events:
-                    if rec is None:   # the ring buffer
-                        self._prog.bpf.ring_buffer_consume()
-                        continue
-                    if role == SOURCE and ev & (select.EPOLLRDHUP | select.EPOLLHUP) \
-                            and not (rec.paused or rec.unmapped):
-                        # Out of the map, the FIN waits behind bytes in
-                        # the TCP queue: EOF is when recv() says so.
-                        rec.eof = True
-                    work.add(rec)
-                for c in self._rb_hit:
-                    if c in self._live:
-                        work.add(self._live[c])
-                self._rb_hit.clear()
-                now = time.monotonic_ns()
-                work.update(self._reactor.due(now))
-                if (t0 := time.monotonic()) >= next_sweep:
-                    self._sweep_closed()
-                    self._expire_recent()
-                    snapshot = self._snapshot()
-                    next_sweep = _next_sweep(t0)
-                for rec in work:
-                    if rec.state is not State.DONE:
-                        self._move(rec)
-            self._write_snapshot(snapshot)
 
-    def _timeout(self, next_sweep: float) -> float:
-        t = next_sweep - time.monotonic()
+    def _step(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for events, then move every splice that
+        has one, and those whose timer is due. False once closed."""
+        try:
+            raw = self._reactor.poll(timeout)
+        except (OSError, ValueError):
+            return False
+        snapshot = None
+        with self._lock:
+            if self._closed:
+                return False
+            work: set[SockmapRecord] = set()
+            _, events = self._reactor.dispatch(raw)
+            for rec, role, ev in events:
+                if rec is None:   # not a socket of a splice: `role` is the fd
+                    if role == self._prog.events_fd:
+                        self._prog.bpf.ring_buffer_consume()
+                    continue   # else the ended splices' eventfd: reap() reads it
+                if role == SOURCE and ev & (select.EPOLLRDHUP | select.EPOLLHUP) \
+                        and not (rec.paused or rec.unmapped):
+                    # Out of the map, the FIN waits behind bytes in
+                    # the TCP queue: EOF is when recv() says so.
+                    rec.eof = True
+                work.add(rec)
+            for c in self._rb_hit:
+                if c in self._live:
+                    work.add(self._live[c])
+            self._rb_hit.clear()
+            now = time.monotonic_ns()
+            work.update(self._reactor.due(now))
+            if (t0 := time.monotonic()) >= self._next_sweep:
+                self._sweep_closed()
+                self._expire_recent()
+                snapshot = self._snapshot()
+                self._next_sweep = _next_sweep(t0)
+            for rec in work:
+                if rec.state is not State.DONE:
+                    self._move(rec)
+        self._write_snapshot(snapshot)
+        return True
+
+    # -- driven by the application (Splicer(thread=False)) ------------------
+
+    def fileno(self) -> int:
+        if self._thread is not None:
+            return self._ready
+        return self._reactor.ep.fileno()
+
+    def timeout(self) -> float | None:
+        if self._thread is not None:
+            return None
+        return self._timeout()
+
+    def reap(self) -> list[Splice]:
+        if self._thread is None and not self._closed:
+            self._step(0)
+        return super().reap()
+
+    def _wait(self, handle: Splice, timeout: float | None) -> bool:
+        if self._thread is not None:
+            return handle._done.wait(timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        while not handle._done.is_set():
+            left = self._timeout() if end is None else min(self._timeout(), end - time.monotonic())
+            if left < 0 or self._closed:
+                break
+            self._step(left)
+        return handle._done.is_set()
+
+    def _timeout(self) -> float:
+        t = self._next_sweep - time.monotonic()
         if (when := self._reactor.next_timer()) is not None:
             t = min(t, (when - time.monotonic_ns()) / 1e9)
         return max(0.0, t)
@@ -553,7 +598,8 @@ class SockmapSplicer(Splicer):
     def _at(self, rec: SockmapRecord, when_ns: int) -> None:
         """Step `rec` at `when_ns` (under the lock, from any thread)."""
         self._reactor.at(when_ns, rec)
-        if when_ns < self._sleeps_until and threading.current_thread() is not self._thread:
+        if self._thread is not None and when_ns < self._sleeps_until \
+                and threading.current_thread() is not self._thread:
             self._reactor.kick()
 
     def _later(self, rec: SockmapRecord) -> None:
@@ -861,21 +907,7 @@ class SockmapSplicer(Splicer):
         rec.check_invariants()
         assert self._live.get(rec.src_cookie) is rec and self._drains.get(rec.dst_cookie) is rec
         self._release_slot(rec)
-        if rec.drain_in_map:
-            self._prog.delete(self._prog.drains_fd, rec.dst_cookie)
-        if rec.eof and rec.fifo == 0 and rec.src_cookie not in self._drains:
-            # After FIN nothing more can arrive and nothing is queued:
-            # the one moment a source leaves its map losslessly (invariant
-            # 4). Not while it is the drain of the other direction: taking
-            # it out of `sources` then drops its redirect backlog (measured:
-            # tests/test_transfer.py::test_eof_one_way_while_other_way_busy).
-            self._prog.delete(self._prog.sources_fd, rec.src_cookie)
-            self._sources.discard(rec.src_cookie)
-            _CLAIMED.pop(rec.src_cookie, None)
-        elif rec.src_cookie not in self._sources:
-            # Paused or unmapped when it ended: already a plain socket, its
-            # unmoved bytes in its TCP queue.
-            _CLAIMED.pop(rec.src_cookie, None)
+        self._leave_maps(rec)
         if rec.fifo > 0 and self._app_closed(rec, 0):
             self._reset_on_close.add(rec.src_cookie)
         for s, c, role in ((rec.src, rec.src_cookie, SOURCE), (rec.dst, rec.dst_cookie, DRAIN)):
@@ -896,6 +928,34 @@ class SockmapSplicer(Splicer):
             s.close()
         self._report(rec)
 
+    def _leave_maps(self, rec: SockmapRecord) -> None:
+        """At the end: the drain leaves `drains`, and the source `sources`
+        when it may (invariant 4).
+
+        splice_pair()'s sockets stay in their maps, as a source does that
+        is still the drain of the other direction: the verdict passes
+        everything once the slot has no owner. Closing them, which is what
+        a proxy does next, takes them out of every map, and the deletes
+        cost a syscall and a psock teardown each, per direction.
+        """
+        if not rec.borrowed:
+            if rec.drain_in_map:
+                self._prog.delete(self._prog.drains_fd, rec.dst_cookie)
+            if rec.eof and rec.fifo == 0 and rec.src_cookie not in self._drains:
+                # After FIN nothing more can arrive and nothing is queued:
+                # the one moment a source leaves its map losslessly. Not
+                # while it is the drain of the other direction: taking it
+                # out of `sources` then drops its redirect backlog
+                # (measured: tests/test_transfer.py::test_eof_one_way_while_other_way_busy).
+                self._prog.delete(self._prog.sources_fd, rec.src_cookie)
+                self._sources.discard(rec.src_cookie)
+                _CLAIMED.pop(rec.src_cookie, None)
+                return
+        if rec.src_cookie not in self._sources:
+            # Paused or unmapped when it ended: already a plain socket, its
+            # unmoved bytes in its TCP queue.
+            _CLAIMED.pop(rec.src_cookie, None)
+
     def _expire_more(self, cutoff: int) -> None:
         # Forget the last count of sockets that are gone: a source leaves
         # `sources` only when closed (or after EOF, when it was deleted).
@@ -912,7 +972,7 @@ class SockmapSplicer(Splicer):
                 self._dissolve(rec, 0)
                 self._at(rec, 0)
                 self._reactor.kick()
-        rec.handle._done.wait()
+        self._wait(rec.handle, None)
         return rec.bytes
 
     _refresh = _read_stats

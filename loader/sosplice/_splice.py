@@ -132,7 +132,7 @@ class Splice:
         """
         if timeout is not None and timeout > _WAIT_FOREVER:
             timeout = None  # threading refuses timeouts past its limit
-        if not self._done.wait(timeout):
+        if not self._engine._wait(self, timeout):
             raise TimeoutError(f"splice still active after {timeout} s")
         assert self._rec is not None and self._rec.error is not None
         return self._rec.error

@@ -119,7 +119,7 @@ class WorkerSplicer(Splicer):
     backend = "worker"
 
     def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
-                 max_sockets: int = 65536) -> None:
+                 max_sockets: int = 65536, thread: bool = True) -> None:
         super().__init__(backlog_cap=backlog_cap)
         self._pipe_max = min(backlog_cap, PIPE_MAX)
         # cookie -> [splices using the socket, was it blocking before]
@@ -252,7 +252,7 @@ class _Worker:
             timeout = 0.0 if self.again else max(0.0, next_sweep - time.monotonic())
             if (when := self.reactor.next_timer()) is not None:
                 timeout = min(timeout, max(0.0, (when - time.monotonic_ns()) / 1e9))
-            woken, events = self.reactor.poll(timeout)
+            woken, events = self.reactor.dispatch(self.reactor.poll(timeout))
             work, self.again = set(self.again), []
             while woken and self.inbox:
                 self.guard(self.inbox.popleft())
