@@ -308,7 +308,15 @@ def test_kernel_hash_value_replaced_from_user_space_is_reused_under_the_reader()
             assert libbcc.lib.bpf_update_elem(sfd, ct.byref(k), ct.byref(fd), 0) == 0
             stop = threading.Event()
 
+            # The publisher and the sender (whose send runs the verdict) on
+            # different CPUs, so that they overlap even on a loaded machine
+            # (a thread's affinity is its own: sched_setaffinity(0) is the
+            # calling thread). Without it a suite beside made the probe
+            # miss for 30 s now and then.
+            cpus = sorted(os.sched_getaffinity(0))
             def publish() -> None:   # as the controller did: whole values, two keys
+                if len(cpus) > 1:
+                    os.sched_setaffinity(0, {cpus[1]})
                 while not stop.is_set():
                     vals[ct.c_uint64(1)] = V(1)
                     vals[ct.c_uint64(2)] = V(2)
@@ -322,6 +330,9 @@ def test_kernel_hash_value_replaced_from_user_space_is_reused_under_the_reader()
                     pass
 
             threads = [threading.Thread(target=publish), threading.Thread(target=drain)]
+            mine = os.sched_getaffinity(0)
+            if len(cpus) > 1:
+                os.sched_setaffinity(0, {cpus[0]})
             for t in threads:
                 t.start()
             try:
@@ -334,6 +345,7 @@ def test_kernel_hash_value_replaced_from_user_space_is_reused_under_the_reader()
                 stop.set()
                 for t in threads:
                     t.join()
+                os.sched_setaffinity(0, mine)
         assert seen[ct.c_int(1)].value > 0, "the probe verdict never ran"
         assert seen[ct.c_int(0)].value > 0, (
             f"no verdict saw another key's value in {seen[ct.c_int(1)].value} runs: "
