@@ -21,7 +21,7 @@ import threading
 
 from . import snapshot
 from ._bpf import MIN_KERNEL
-from ._engine import DEFAULT_BACKLOG_CAP, Splicer
+from ._engine import DEFAULT_BACKLOG_CAP, Life, Splicer
 from .snapshot import SpliceInfo, reason_name
 from ._splice import Splice
 
@@ -48,7 +48,7 @@ def default_engine() -> Splicer:
     """
     global _default
     with _default_lock:
-        if _default is None or _default._closed:
+        if _default is None or _default._life is Life.CLOSED:
             _default = Splicer()
             atexit.register(_default.close)
         return _default

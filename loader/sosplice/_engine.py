@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import enum
 import errno
 import math
 import os
@@ -57,6 +58,14 @@ RECENT_MAX = 4096
 # Publishing snapshots for `splicectl ls` and `top` (`snapshot`) takes at
 # most this share of the time.
 SNAPSHOT_SHARE = 0.02
+
+
+class Life(enum.Enum):
+    """An engine's lifecycle: OPEN -> CLOSING (close() has begun: no new
+    splice; the live ones are flushed) -> CLOSED (the backend stopped)."""
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
 
 
 def _err(code: int, msg: str) -> OSError:
@@ -252,8 +261,7 @@ class Splicer:
         self._unreported: dict[int, int] = {}           # source cookie -> error for geterror
         self._recent: collections.deque[SpliceRecord] = collections.deque(maxlen=RECENT_MAX)
         self._reaped: list[Splice] = []
-        self._closed = False      # close() has finished
-        self._closing = False     # close() has begun: no new splice
+        self._life = Life.OPEN
         self._snapshot_path = snap.path_for(self)
         self._snapshot_written = False
         self._snapshot_next = 0.0         # time.monotonic() of the next one allowed
@@ -433,7 +441,7 @@ class Splicer:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._live)} live"
+        state = "closed" if self._life is Life.CLOSED else f"{len(self._live)} live"
         return f"<sosplice.Splicer backend={self.backend} {state}>"
 
     # -- what a backend provides --------------------------------------------
@@ -461,8 +469,20 @@ class Splicer:
     # -- shared transitions -------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._closing:
+        if self._life is not Life.OPEN:
             raise RuntimeError("this Splicer is closed; create a new one")
+
+    def _stop_taking(self, rec: SpliceRecord, error: int) -> bool:
+        """ACTIVE -> DISSOLVING, ending with `error`: the one place it
+        happens. False if `rec` was no longer ACTIVE (its first reason
+        stands). The backend then stops taking from the source and flushes.
+        """
+        with self._lock:
+            if rec.state is not State.ACTIVE:
+                return False
+            rec.state = State.DISSOLVING
+            rec.error = error
+            return True
 
     def _report(self, rec: SpliceRecord) -> None:
         """Flushed and released: record the end, wake the waiters, once.

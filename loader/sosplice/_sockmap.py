@@ -45,7 +45,7 @@ from typing import Any
 
 from . import _sock
 from ._bpf import Programs
-from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err, _next_sweep
+from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Life, Splicer, _err, _next_sweep
 from ._maps import U64, SpliceEvent, SpliceStats
 from ._reactor import DRAIN, SOURCE, Reactor
 from ._splice import Splice, SpliceRecord, State
@@ -228,9 +228,9 @@ class SockmapSplicer(Splicer):
     def close(self) -> None:
         """Unsplice everything (losslessly) and unload the programs. Idempotent."""
         with self._lock:
-            if self._closing:
+            if self._life is not Life.OPEN:
                 return
-            self._closing = True
+            self._life = Life.CLOSING
             for rec in list(self._live.values()):
                 if rec.state is State.ACTIVE:
                     self._dissolve(rec, 0)
@@ -240,7 +240,7 @@ class SockmapSplicer(Splicer):
         for rec in list(self._live.values()):
             self._wait(rec.handle, max(0.0, deadline - time.monotonic()))
         with self._lock:
-            self._closed = True
+            self._life = Life.CLOSED
             for rec in list(self._live.values()):  # a drain that never flushed
                 self._finish(rec)
         self._reactor.kick()
@@ -529,7 +529,7 @@ class SockmapSplicer(Splicer):
             return False
         snapshot = None
         with self._lock:
-            if self._closed:
+            if self._life is Life.CLOSED:
                 return False
             work: set[SockmapRecord] = set()
             _, events = self._reactor.dispatch(raw)
@@ -574,7 +574,7 @@ class SockmapSplicer(Splicer):
         return self._timeout()
 
     def reap(self) -> list[Splice]:
-        if self._thread is None and not self._closed:
+        if self._thread is None and self._life is not Life.CLOSED:
             self._step(0)
         return super().reap()
 
@@ -584,7 +584,7 @@ class SockmapSplicer(Splicer):
         end = None if timeout is None else time.monotonic() + timeout
         while not handle._done.is_set():
             left = self._timeout() if end is None else min(self._timeout(), end - time.monotonic())
-            if left < 0 or self._closed:
+            if left < 0 or self._life is Life.CLOSED:
                 break
             self._step(left)
         return handle._done.is_set()
@@ -891,10 +891,9 @@ class SockmapSplicer(Splicer):
 
     def _dissolve(self, rec: SockmapRecord, error: int) -> None:
         """Stop redirecting and counting; the flush follows in _move."""
-        assert rec.state is State.ACTIVE
         rec.check_invariants()
-        rec.state = State.DISSOLVING
-        rec.error = error
+        taken = self._stop_taking(rec, error)
+        assert taken, "only an ACTIVE splice dissolves"
         self._prog.ctl[rec.slot].source = 0
 
     def _finish(self, rec: SockmapRecord) -> None:

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import _sock
-from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Splicer, _err, _next_sweep
+from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Life, Splicer, _err, _next_sweep
 from ._reactor import DRAIN, SOURCE, Reactor
 from ._splice import SpliceRecord, State
 
@@ -130,9 +130,9 @@ class WorkerSplicer(Splicer):
     def close(self) -> None:
         """Unsplice everything (losslessly) and stop the workers. Idempotent."""
         with self._lock:
-            if self._closing:
+            if self._life is not Life.OPEN:
                 return
-            self._closing = True
+            self._life = Life.CLOSING
             live = list(self._live.values())
         for rec in live:
             rec.worker.post(lambda rec=rec: rec.worker.dissolve(rec, 0))
@@ -140,7 +140,7 @@ class WorkerSplicer(Splicer):
         for rec in live:
             rec.handle._done.wait(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            self._closed = True
+            self._life = Life.CLOSED
             live = list(self._live.values())
         for rec in live:  # a drain that never took its bytes
             rec.worker.post(lambda rec=rec: rec.worker.finish(rec))
@@ -285,9 +285,7 @@ class _Worker:
         except Exception:
             log.exception("sosplice worker %d: unexpected error", self.n)
             if rec is not None and rec in self.recs:
-                with self.engine._lock:
-                    if rec.state is State.ACTIVE:
-                        rec.state, rec.error = State.DISSOLVING, errno.EIO
+                self.engine._stop_taking(rec, errno.EIO)
                 try:
                     self.finish(rec)
                 except Exception:
@@ -444,12 +442,8 @@ class _Worker:
         """Take nothing more from the source; the flush follows in step."""
         if rec not in self.recs:
             return  # posted before adopt ran, or after finish: nothing to do
-        with self.engine._lock:
-            if rec.state is not State.ACTIVE:
-                return
-            rec.state = State.DISSOLVING
-            rec.error = error
-        self.step(rec)
+        if self.engine._stop_taking(rec, error):
+            self.step(rec)
 
     def mark_error(self, cookie: int, err: int | None, sock: socket.socket) -> None:
         """A send to `cookie` (`sock`) failed with `err`: if that was its
@@ -484,10 +478,7 @@ class _Worker:
 
     def drain_died(self, rec: PipeRecord) -> None:
         """The drain cannot send: what the pipe holds dies with it (counted)."""
-        if rec.state is State.ACTIVE:
-            with self.engine._lock:
-                rec.state = State.DISSOLVING
-                rec.error = errno.EPIPE
+        self.engine._stop_taking(rec, errno.EPIPE)
         rec.sent = rec.taken
         self.finish(rec)
 
@@ -499,9 +490,7 @@ class _Worker:
         """Flushed (or the drain is dead): release everything, report once."""
         if rec not in self.recs:
             return
-        if rec.state is State.ACTIVE:  # Splicer.close() gave up on the drain
-            with self.engine._lock:
-                rec.state, rec.error = State.DISSOLVING, 0
+        self.engine._stop_taking(rec, 0)   # if ACTIVE: Splicer.close() gave up on the drain
         self.recs.discard(rec)
         self.again = [r for r in self.again if r is not rec]
         self.reactor.unwatch(rec.src.fileno(), SOURCE, rec)
