@@ -81,18 +81,36 @@ class UsageError(Exception):
     """A bad argument: main prints it on one line and exits 2."""
 
 
-# -- option values -----------------------------------------------------------
+# -- option values: every check, here -----------------------------------------
+#
+# The command line (main's argparse types), the config file (config.py) and
+# Proxy.start() (check_config, for a Config or Options a caller built) all
+# check a setting with CHECKS[key]; they only parse text or check TOML types
+# first. Each check returns the value or raises UsageError with the end of
+# a sentence that the option's (or the key's) name starts.
+
+BACKENDS = ("bpf", "worker", "auto")
+
 
 def check_seconds(value: float, *, zero_ok: bool = False) -> float:
     """`value` if it is a usable duration in seconds, else UsageError.
 
-    Finite, from MIN_SECONDS to MAX_SECONDS; 0 too with `zero_ok`. The
-    message is the end of a sentence that starts with the option's name.
+    Finite, from MIN_SECONDS to MAX_SECONDS; 0 too with `zero_ok`.
     """
     if not (math.isfinite(value) and (MIN_SECONDS <= value <= MAX_SECONDS
                                       or (zero_ok and value == 0))):
         span = f"from {MIN_SECONDS:g} to {MAX_SECONDS:.0f} seconds"
         raise UsageError(f"must be {'0 or ' if zero_ok else ''}{span}, not {value!r}")
+    return value
+
+
+def check_seconds_or_zero(value: float) -> float:
+    return check_seconds(value, zero_ok=True)
+
+
+def check_count(value: int) -> int:
+    if value < 0:
+        raise UsageError(f"must be >= 0 (0: no limit), not {value}")
     return value
 
 
@@ -102,27 +120,49 @@ def check_backlog_cap(value: int) -> int:
     return value
 
 
-def check_options(o: Options) -> None:
-    """Every value of `o`, or one UsageError line that names the option.
+def check_choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in options:
+            raise UsageError(f"must be one of {', '.join(repr(o) for o in options)}, not {value!r}")
+        return value
+    return check
 
-    main checks the same while parsing; this is for callers that build
-    Options themselves, so that no bad value reaches a connection.
-    """
-    checks = [("--connect-timeout", check_seconds, o.connect_timeout),
-              ("--grace", lambda v: check_seconds(v, zero_ok=True), o.grace)]
-    if o.idle is not None:
-        checks.append(("--idle", check_seconds, o.idle))
-    if o.backlog_cap is not None:
-        checks.append(("--backlog-cap", check_backlog_cap, o.backlog_cap))
-    for name, check, value in checks:
-        try:
-            check(value)
-        except UsageError as e:
-            raise UsageError(f"{name} {e}") from None
-    if o.max_conns < 0:
-        raise UsageError(f"--max-conns must be >= 0 (0: no limit), not {o.max_conns}")
-    if not o.upstreams:
-        raise UsageError("at least one UPSTREAM is needed")
+
+# By Config and ListenConfig field name. None (not set) is never checked.
+CHECKS: dict[str, Callable] = {
+    "connect_timeout": check_seconds,
+    "grace": check_seconds_or_zero,
+    "idle": check_seconds,
+    "max_conns": check_count,
+    "backlog_cap": check_backlog_cap,
+    "backend": check_choice(BACKENDS),
+    "send_proxy": check_choice(proxyproto.VERSIONS),
+}
+# How an error names a setting: its command-line option if it has one.
+OPTION_NAMES = {"connect_timeout": "--connect-timeout", "grace": "--grace", "idle": "--idle",
+                "max_conns": "--max-conns", "backlog_cap": "--backlog-cap",
+                "backend": "--backend", "send_proxy": "send_proxy"}
+
+
+def check_config(cfg: Config) -> Config:
+    """`cfg` if every value in it passes CHECKS, else one UsageError line
+    that names the option. main and config.load check the same while
+    parsing; this is for callers that build Config or Options themselves,
+    so that no bad value reaches a connection."""
+    values = [(k, getattr(cfg, k)) for k in ("connect_timeout", "grace", "backlog_cap", "backend")]
+    if not cfg.listeners:
+        raise UsageError("at least one listener is needed")
+    for lc in cfg.listeners:
+        if not lc.upstreams:
+            raise UsageError("at least one UPSTREAM is needed")
+        values += [(k, getattr(lc, k)) for k in ("idle", "max_conns", "send_proxy")]
+    for key, value in values:
+        if value is not None:
+            try:
+                CHECKS[key](value)
+            except UsageError as e:
+                raise UsageError(f"{OPTION_NAMES[key]} {e}") from None
+    return cfg
 
 
 # -- addresses ---------------------------------------------------------------
@@ -423,12 +463,12 @@ class Options:
     backend: str | None = None     # None: $SOSPLICE_BACKEND, else "auto"
 
     def config(self) -> Config:
-        check_options(self)
-        return Config(
+        """As a Config, checked (check_config)."""
+        return check_config(Config(
             listeners=(ListenConfig(self.listen, tuple(self.upstreams), self.idle, self.max_conns),),
             connect_timeout=self.connect_timeout, backlog_cap=self.backlog_cap,
             metrics=self.metrics, grace=self.grace, check_upstreams=self.check_upstreams,
-            backend=self.backend)
+            backend=self.backend))
 
 
 class Listener:
@@ -508,7 +548,7 @@ class Proxy:
     def start(self) -> tuple:
         """Check, bind, build the engine, listen; return the first
         listener's address. Raises UsageError (nothing is left bound)."""
-        cfg = self.opts.config() if isinstance(self.opts, Options) else self.opts
+        cfg = self.opts.config() if isinstance(self.opts, Options) else check_config(self.opts)
         if cfg.check_upstreams:
             for h, p in dict.fromkeys(u for lc in cfg.listeners for u in lc.upstreams):
                 fam, sa = resolve(h, p, "UPSTREAM")
@@ -785,6 +825,7 @@ class Proxy:
         kernel (a reset), as a restart would. Live connections are not
         looked at: each keeps the Listener it was accepted by.
         """
+        check_config(cfg)
         old = self.cfg
         for key in ("backend", "backlog_cap", "metrics"):
             if getattr(cfg, key) != getattr(old, key):
