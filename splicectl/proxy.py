@@ -12,6 +12,22 @@ ways and then only learns of the end of each direction through
 those that are gone stop accepting; a connection keeps the listener
 settings it was accepted under and is never touched by a reload.
 
+The loop's parts: each selector entry's data is the method to call when
+it is ready (no dispatch on tags); every deadline (a connect's, the next
+--idle look, --grace, an accept pause) is an entry in one heap, and a
+connection's entries other than its current one are skipped lazily (no
+pass scans the connections); a connection is a small state machine,
+`ConnState`:
+
+    accept -> CONNECTING -> SPLICED -> (CLOSING) -> DONE
+
+and ends through one method, `_close`. The engine shares the proxy's two
+sockets (`splice_pair`), so they are closed only once both splices of
+the connection are reaped: a connection the proxy resets waits in
+CLOSING until then. Every option value is checked by one table,
+`CHECKS`, whichever way it came (command line, config file, a caller's
+Config).
+
 How a connection ends (the contract; docs: README, `splicectl proxy --help`):
 
 - A direction that ends cleanly (EOF on its source: error 0) is passed on
