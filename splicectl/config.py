@@ -27,11 +27,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from . import proxyproto
-from .proxy import (Config, ListenConfig, UsageError, check_backlog_cap, check_seconds,
-                    fmt_addr, parse_addr, resolve)
+from .proxy import CHECKS, Config, ListenConfig, UsageError, fmt_addr, parse_addr, resolve
 
-BACKENDS = ("bpf", "worker", "auto")
 TOP_KEYS = ("backend", "backlog_cap", "metrics", "grace", "connect_timeout", "listen")
 LISTEN_KEYS = ("bind", "upstreams", "idle", "max_conns", "send_proxy")
 
@@ -166,22 +163,23 @@ def from_dict(doc: dict[str, Any], lines: _Lines, name: str) -> Config:
         upstreams = get(t, "upstreams", n, _upstreams)
         listeners.append(ListenConfig(
             bind=bind, upstreams=upstreams,
-            idle=get(t, "idle", n, _seconds()),
+            idle=get(t, "idle", n, _seconds("idle")),
             max_conns=get(t, "max_conns", n, _count, 0),
-            send_proxy=get(t, "send_proxy", n, _send_proxy),
+            send_proxy=get(t, "send_proxy", n, _string("send_proxy")),
         ))
     return Config(
         listeners=tuple(listeners),
-        backend=get(doc, "backend", None, _choice(BACKENDS)),
+        backend=get(doc, "backend", None, _string("backend")),
         backlog_cap=get(doc, "backlog_cap", None, _backlog_cap),
         metrics=get(doc, "metrics", None, _address(listen=True)),
-        grace=get(doc, "grace", None, _seconds(zero_ok=True), 5.0),
-        connect_timeout=get(doc, "connect_timeout", None, _seconds(), 3.0),
+        grace=get(doc, "grace", None, _seconds("grace"), 5.0),
+        connect_timeout=get(doc, "connect_timeout", None, _seconds("connect_timeout"), 3.0),
     )
 
 
-# -- one checker per kind of value: each raises UsageError with the end of a
-#    sentence that the key starts.
+# -- one parser per kind of value: the TOML type, then the value's check,
+#    proxy.CHECKS (the same as the command line's). Each raises UsageError
+#    with the end of a sentence that the key starts.
 
 def _typed(value: Any, kinds: tuple[type, ...], what: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, kinds):
@@ -204,34 +202,25 @@ def _upstreams(value: Any) -> tuple[tuple[str, int], ...]:
     return tuple(_address(listen=False)(v) for v in value)
 
 
-def _seconds(*, zero_ok: bool = False):
+def _seconds(key: str):
     def check(value: Any) -> float:
         v = _typed(value, (int, float), "a number of seconds")
         if isinstance(v, int) and abs(v) > 1 << 53:   # float() of a huge int overflows
             v = math.copysign(math.inf, v)
-        return float(check_seconds(v, zero_ok=zero_ok))
+        return float(CHECKS[key](v))
     return check
 
 
 def _count(value: Any) -> int:
-    n = _typed(value, (int,), "a whole number")
-    if n < 0:
-        raise UsageError(f"must be >= 0 (0: no limit), not {n}")
-    return n
+    return CHECKS["max_conns"](_typed(value, (int,), "a whole number"))
 
 
 def _backlog_cap(value: Any) -> int:
     v = _typed(value, (int, str), 'a byte count (65536, or "4M")')
-    return check_backlog_cap(parse_size(v) if isinstance(v, str) else v)
+    return CHECKS["backlog_cap"](parse_size(v) if isinstance(v, str) else v)
 
 
-def _send_proxy(value: Any) -> str:
-    return _choice(proxyproto.VERSIONS)(value)
-
-
-def _choice(options: tuple[str, ...]):
-    def check(value: Any) -> str:
-        if value not in options:
-            raise UsageError(f"must be one of {', '.join(repr(o) for o in options)}, not {value!r}")
-        return value
-    return check
+def _string(key: str):
+    """One of the setting's names (backend, send_proxy): a wrong type is
+    told as the choice it is not."""
+    return lambda value: CHECKS[key](value)

@@ -143,30 +143,31 @@ def _checked(check):
     return parse
 
 
-def _seconds(*, zero_ok: bool = False):
-    """argparse type: a duration the proxy can keep (proxy.check_seconds)."""
-    def check(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise _proxy.UsageError(f"{text!r} is not a number of seconds") from None
-        return _proxy.check_seconds(v, zero_ok=zero_ok)
+def _setting(key: str, parse):
+    """argparse type: `parse` the text, then proxy.CHECKS[key] (the same
+    check as the config file's)."""
+    def check(text: str):
+        return _proxy.CHECKS[key](parse(text))
     return _checked(check)
 
 
-def _count(text: str) -> int:
+def _float(text: str) -> float:
     try:
-        v = int(text)
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0: no limit), not {v}")
-    return v
+        raise _proxy.UsageError(f"{text!r} is not a number of seconds") from None
 
 
-def _backlog_cap(text: str) -> int:
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _proxy.UsageError(f"{text!r} is not a whole number") from None
+
+
+def _size(text: str) -> int:
     from .config import parse_size
-    return _proxy.check_backlog_cap(parse_size(text))
+    return parse_size(text)
 
 
 def _addr(*, listen: bool):
@@ -205,28 +206,33 @@ def build_parser() -> argparse.ArgumentParser:
                          "UPSTREAM and the options that set what it sets")
     px.add_argument("--check", action="store_true",
                     help="with --config: check the file (values, host names), say so and exit")
-    px.add_argument("--connect-timeout", type=_seconds(), default=None, metavar="S",
+    px.add_argument("--connect-timeout", type=_setting("connect_timeout", _float),
+                    default=None, metavar="S",
                     help="upstream connect timeout in seconds (default 3)")
-    px.add_argument("--idle", type=_seconds(), default=None, metavar="S",
+    px.add_argument("--idle", type=_setting("idle", _float),
+                    default=None, metavar="S",
                     help="reset a connection in which neither direction has moved a byte "
                          "for S seconds (as socat -T, HAProxy's timeout tunnel); it fires "
                          "S to 1.25*S after the last byte. One quiet direction never ends "
                          "it (default: no timeout)")
-    px.add_argument("--max-conns", type=_count, default=None, metavar="N",
+    px.add_argument("--max-conns", type=_setting("max_conns", _int),
+                    default=None, metavar="N",
                     help="stop accepting beyond N live connections (0 = no limit); the fd "
                          "limit is raised to fit N, up to its hard limit")
-    px.add_argument("--backlog-cap", type=_checked(_backlog_cap), default=None, metavar="BYTES",
+    px.add_argument("--backlog-cap", type=_setting("backlog_cap", _size),
+                    default=None, metavar="BYTES",
                     help="kernel bytes held per splice beyond socket buffers, 64K to 256M "
                          "(default 4M)")
     px.add_argument("--metrics", metavar="HOST:PORT", default=None, type=_addr(listen=True),
                     help="serve Prometheus metrics over HTTP here (docs/observing.md lists "
                          "them)")
-    px.add_argument("--grace", type=_seconds(zero_ok=True), default=None, metavar="S",
+    px.add_argument("--grace", type=_setting("grace", _float),
+                    default=None, metavar="S",
                     help="on SIGINT/SIGTERM stop accepting and let connections finish for S "
                          "seconds, then reset those still open (default 5; 0: at once)")
     px.add_argument("--no-check", action="store_true",
                     help="do not check that every upstream is reachable at start")
-    px.add_argument("--backend", choices=["bpf", "worker", "auto"], default=None,
+    px.add_argument("--backend", choices=_proxy.BACKENDS, default=None,
                     help="bpf (eBPF sockmap, needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN), worker "
                          "(splice(2) threads, any user) or auto (bpf if it loads, else worker); "
                          "default $SOSPLICE_BACKEND or auto")
@@ -249,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "top":
             v.add_argument("interval", nargs="?", type=_positive_float, default=1.0,
                            help="seconds between refreshes (default 1)")
-            v.add_argument("count", nargs="?", type=_count, default=0,
+            v.add_argument("count", nargs="?", type=_checked(lambda t: _proxy.check_count(_int(t))),
+                           default=0,
                            help="refresh this many times, then exit (default 0: until q)")
             v.add_argument("-b", "--batch", action="store_true",
                            help="print one frame after another, each ending with a newline, "

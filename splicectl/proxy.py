@@ -12,6 +12,22 @@ ways and then only learns of the end of each direction through
 those that are gone stop accepting; a connection keeps the listener
 settings it was accepted under and is never touched by a reload.
 
+The loop's parts: each selector entry's data is the method to call when
+it is ready (no dispatch on tags); every deadline (a connect's, the next
+--idle look, --grace, an accept pause) is an entry in one heap, and a
+connection's entries other than its current one are skipped lazily (no
+pass scans the connections); a connection is a small state machine,
+`ConnState`:
+
+    accept -> CONNECTING -> SPLICED -> (CLOSING) -> DONE
+
+and ends through one method, `_close`. The engine shares the proxy's two
+sockets (`splice_pair`), so they are closed only once both splices of
+the connection are reaped: a connection the proxy resets waits in
+CLOSING until then. Every option value is checked by one table,
+`CHECKS`, whichever way it came (command line, config file, a caller's
+Config).
+
 How a connection ends (the contract; docs: README, `splicectl proxy --help`):
 
 - A direction that ends cleanly (EOF on its source: error 0) is passed on
@@ -30,8 +46,10 @@ How a connection ends (the contract; docs: README, `splicectl proxy --help`):
 """
 from __future__ import annotations
 
+import enum
 import errno
 import heapq
+import itertools
 import logging
 import math
 import os
@@ -41,7 +59,8 @@ import selectors
 import socket
 import struct
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 from sosplice import reason_name
@@ -78,18 +97,36 @@ class UsageError(Exception):
     """A bad argument: main prints it on one line and exits 2."""
 
 
-# -- option values -----------------------------------------------------------
+# -- option values: every check, here -----------------------------------------
+#
+# The command line (main's argparse types), the config file (config.py) and
+# Proxy.start() (check_config, for a Config or Options a caller built) all
+# check a setting with CHECKS[key]; they only parse text or check TOML types
+# first. Each check returns the value or raises UsageError with the end of
+# a sentence that the option's (or the key's) name starts.
+
+BACKENDS = ("bpf", "worker", "auto")
+
 
 def check_seconds(value: float, *, zero_ok: bool = False) -> float:
     """`value` if it is a usable duration in seconds, else UsageError.
 
-    Finite, from MIN_SECONDS to MAX_SECONDS; 0 too with `zero_ok`. The
-    message is the end of a sentence that starts with the option's name.
+    Finite, from MIN_SECONDS to MAX_SECONDS; 0 too with `zero_ok`.
     """
     if not (math.isfinite(value) and (MIN_SECONDS <= value <= MAX_SECONDS
                                       or (zero_ok and value == 0))):
         span = f"from {MIN_SECONDS:g} to {MAX_SECONDS:.0f} seconds"
         raise UsageError(f"must be {'0 or ' if zero_ok else ''}{span}, not {value!r}")
+    return value
+
+
+def check_seconds_or_zero(value: float) -> float:
+    return check_seconds(value, zero_ok=True)
+
+
+def check_count(value: int) -> int:
+    if value < 0:
+        raise UsageError(f"must be >= 0 (0: no limit), not {value}")
     return value
 
 
@@ -99,27 +136,49 @@ def check_backlog_cap(value: int) -> int:
     return value
 
 
-def check_options(o: Options) -> None:
-    """Every value of `o`, or one UsageError line that names the option.
+def check_choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in options:
+            raise UsageError(f"must be one of {', '.join(repr(o) for o in options)}, not {value!r}")
+        return value
+    return check
 
-    main checks the same while parsing; this is for callers that build
-    Options themselves, so that no bad value reaches a connection.
-    """
-    checks = [("--connect-timeout", check_seconds, o.connect_timeout),
-              ("--grace", lambda v: check_seconds(v, zero_ok=True), o.grace)]
-    if o.idle is not None:
-        checks.append(("--idle", check_seconds, o.idle))
-    if o.backlog_cap is not None:
-        checks.append(("--backlog-cap", check_backlog_cap, o.backlog_cap))
-    for name, check, value in checks:
-        try:
-            check(value)
-        except UsageError as e:
-            raise UsageError(f"{name} {e}") from None
-    if o.max_conns < 0:
-        raise UsageError(f"--max-conns must be >= 0 (0: no limit), not {o.max_conns}")
-    if not o.upstreams:
-        raise UsageError("at least one UPSTREAM is needed")
+
+# By Config and ListenConfig field name. None (not set) is never checked.
+CHECKS: dict[str, Callable] = {
+    "connect_timeout": check_seconds,
+    "grace": check_seconds_or_zero,
+    "idle": check_seconds,
+    "max_conns": check_count,
+    "backlog_cap": check_backlog_cap,
+    "backend": check_choice(BACKENDS),
+    "send_proxy": check_choice(proxyproto.VERSIONS),
+}
+# How an error names a setting: its command-line option if it has one.
+OPTION_NAMES = {"connect_timeout": "--connect-timeout", "grace": "--grace", "idle": "--idle",
+                "max_conns": "--max-conns", "backlog_cap": "--backlog-cap",
+                "backend": "--backend", "send_proxy": "send_proxy"}
+
+
+def check_config(cfg: Config) -> Config:
+    """`cfg` if every value in it passes CHECKS, else one UsageError line
+    that names the option. main and config.load check the same while
+    parsing; this is for callers that build Config or Options themselves,
+    so that no bad value reaches a connection."""
+    values = [(k, getattr(cfg, k)) for k in ("connect_timeout", "grace", "backlog_cap", "backend")]
+    if not cfg.listeners:
+        raise UsageError("at least one listener is needed")
+    for lc in cfg.listeners:
+        if not lc.upstreams:
+            raise UsageError("at least one UPSTREAM is needed")
+        values += [(k, getattr(lc, k)) for k in ("idle", "max_conns", "send_proxy")]
+    for key, value in values:
+        if value is not None:
+            try:
+                CHECKS[key](value)
+            except UsageError as e:
+                raise UsageError(f"{OPTION_NAMES[key]} {e}") from None
+    return cfg
 
 
 # -- addresses ---------------------------------------------------------------
@@ -241,8 +300,9 @@ _libc_connect = None
 _SOCKADDR_UNSPEC = bytes(16)
 
 
-def _reset_not_fin(source: socket.socket, *, other_done: bool) -> bool:
+def _reset_not_fin(source: socket.socket) -> bool:
     """Whether a source whose splice ended with 0 (EOF) was in fact reset.
+    Asked only while the other direction has not passed its FIN on.
 
     A socket's error is reported once, to whoever asks first: when the
     other direction's send to the same socket takes the ECONNRESET, the
@@ -253,8 +313,6 @@ def _reset_not_fin(source: socket.socket, *, other_done: bool) -> bool:
     only the other direction's clean end does. So CLOSE without that is a
     reset (or a connection that timed out): an error, not an end.
     """
-    if other_done:
-        return False
     try:
         state = source.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
     except OSError:
@@ -307,35 +365,76 @@ def fmt_peer(sa: tuple | list | None) -> str:
 
 # -- the proxy ---------------------------------------------------------------
 
-@dataclass(eq=False)
+class ConnState(enum.Enum):
+    """Where a connection is. Each transition is made by one method:
+
+        CONNECTING --_splice()---> SPLICED    upstream connected, both ways spliced
+        CONNECTING --_close()----> DONE       no upstream, a refused splice, stop
+        SPLICED ----_close()-----> CLOSING    a splice of it is still to be reaped
+        SPLICED ----_close()-----> DONE       none is (the second FIN passed on)
+        CLOSING ----_release()---> DONE       its last splice reaped (by _reap)
+
+    (`_close` goes on to `_release` itself when nothing is pending.)
+
+    CONNECTING: accepted; the connect to an upstream is in flight (the
+    upstream socket is in the selector, its deadline in the timer heap).
+    SPLICED: both directions spliced, each ending on its own; `Conn.half`
+    is the one that has passed its FIN on, if one has.
+    CLOSING: closed by the proxy (reset both ways) while the engine still
+    shares its sockets with a splice that is not reaped yet (splice_pair):
+    they stay open until it is. Counted in `Proxy.held`.
+    DONE: sockets closed, its line logged, in no table.
+
+    Only CONNECTING and SPLICED connections are in `Proxy.conns`.
+    """
+    CONNECTING = "connecting"
+    SPLICED = "spliced"
+    CLOSING = "closing"
+    DONE = "done"
+
+
+CONNECTING, SPLICED, CLOSING, DONE = (ConnState.CONNECTING, ConnState.SPLICED,
+                                      ConnState.CLOSING, ConnState.DONE)
+
+
+class Stop(enum.Enum):
+    """The proxy's own state: RUNNING -> DRAINING (the first stop(): no
+    new connections, the live ones have --grace) -> STOPPING (a second
+    stop(), or --grace over: reset what is left and leave the loop)."""
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+
+
+@dataclass(eq=False, slots=True)
 class Conn:
     id: int
     client: socket.socket
     peer: tuple
     via: Listener              # the listener that accepted it, as it was then
     listener: str = ""         # its address, "HOST:PORT" (labels: ls/top, metrics)
+    state: ConnState = CONNECTING
     upstream: socket.socket | None = None
-    up_index: int = 0          # upstream being tried
+    up_index: int = 0          # upstream being tried; once connected, the one it is spliced to
     tries: int = 0             # upstreams tried so far
-    deadline: float = 0.0      # connect deadline (monotonic)
-    spliced: bool = False
-    done: set = field(default_factory=set)   # directions dissolved with EOF
-    closed: bool = False
-    splices: list = field(default_factory=list)
-    # --idle: the bytes of both splices at the last look, when that count
-    # last changed (monotonic), and when the next look is due.
+    # Its one live entry in Proxy.timers: the connect deadline (CONNECTING),
+    # the next --idle look (SPLICED); 0: none. Any other entry is stale.
+    due: float = 0.0
+    splices: tuple = ()        # (up, down), once SPLICED
+    pending: int = 0           # of those, the ones not reaped yet
+    half: str | None = None    # the direction that has passed its FIN on
+    # --idle: the bytes of both splices at the last look, and when that
+    # count last changed (monotonic).
     seen: int = 0
     quiet_since: float = 0.0
-    look_at: float = 0.0
     # What its log line and metrics tell (see _log_end).
     accepted: float = 0.0      # monotonic
     connect_started: float = 0.0
-    connect_secs: float | None = None
-    upstream_name: str = "-"   # the UPSTREAM it was spliced to, as configured
-    ends: dict = field(default_factory=dict)   # direction -> why it ended
+    connect_secs: float | None = None   # None: no upstream reached
+    up_end: str = ""           # why each direction ended, if it did while SPLICED
+    down_end: str = ""
     end: str = ""              # why the connection ended (_END_*)
     duration: float = 0.0
-    logged: bool = False
 
 
 @dataclass(frozen=True)
@@ -380,12 +479,12 @@ class Options:
     backend: str | None = None     # None: $SOSPLICE_BACKEND, else "auto"
 
     def config(self) -> Config:
-        check_options(self)
-        return Config(
+        """As a Config, checked (check_config)."""
+        return check_config(Config(
             listeners=(ListenConfig(self.listen, tuple(self.upstreams), self.idle, self.max_conns),),
             connect_timeout=self.connect_timeout, backlog_cap=self.backlog_cap,
             metrics=self.metrics, grace=self.grace, check_upstreams=self.check_upstreams,
-            backend=self.backend)
+            backend=self.backend))
 
 
 class Listener:
@@ -411,10 +510,18 @@ class Proxy:
 
     `stop()` may be called from any thread or a signal handler: the first
     call stops accepting and lets connections finish for `grace` seconds,
-    then resets those still open; a second call resets them at once.
-    `reload()` may be too: the loop then calls `reloader` (which returns
-    the new Config, or raises UsageError to keep the old one) and applies
-    its result (see `_apply`).
+    then resets those still open; a second call resets them at once
+    (`Stop`). `reload()` may be too: the loop then calls `reloader`
+    (which returns the new Config, or raises UsageError to keep the old
+    one) and applies its result (see `_apply`).
+
+    The loop: every selector entry's data is the callable to run when it
+    is ready (`_accept` of a listener, `_connected` of a CONNECTING
+    connection, `_on_wake`, the metrics server; the engine's fd only ends
+    the select, as `_reap` runs after every pass);
+    every deadline (a connect's, an --idle look, --grace, an accept
+    pause) is one entry of one heap, `timers` (`_at`). A connection moves
+    through `ConnState`, and ends through `_close` only.
     """
 
     def __init__(self, opts: Options | Config, *, engine_factory: Callable | None = None,
@@ -430,15 +537,14 @@ class Proxy:
         self.live: dict[str, int] = {}   # live connections by listener name (max_conns)
         self.metrics_sock: socket.socket | None = None
         self.engine = None
-        self.conns: dict[int, Conn] = {}
-        # Connections whose upstream connect is in flight: the only ones the
-        # connect timeout looks at, so idle connections cost no scan.
-        self.connecting: dict[int, Conn] = {}
-        # --idle: (when, conn id), one entry per spliced connection; entries
-        # of closed connections are skipped when they come up (and dropped
-        # in bulk when they outnumber the live ones, see _arm_idle).
-        self.idle_heap: list[tuple[float, int]] = []
-        self.splices: dict[object, tuple[Conn, str]] = {}
+        self.conns: dict[int, Conn] = {}   # CONNECTING and SPLICED ones, by id
+        # Every deadline, one heap (see _at): (when, seq, callback, conn or
+        # None). A connection's entry is live while its `due` is `when`;
+        # the others are skipped (and dropped in bulk, see _at).
+        self.timers: list[tuple[float, int, Callable, Conn | None]] = []
+        self._seq = itertools.count()
+        self.splices: dict[object, tuple[Conn, str]] = {}   # splice -> (conn, direction)
+        self.scrapes: set[socket.socket] = set()   # metrics clients being served
         from .metrics import Metrics   # prometheus_client: not for ls/top
         self.m = Metrics(self._live_counts)
         self.next_id = 1
@@ -447,9 +553,8 @@ class Proxy:
         # whether accepting is paused because they are all open.
         self.fd_room: int | None = None
         self.fd_full = False
-        self.held = 0   # closed connections whose sockets wait for their splices (_release)
-        self.stopping = 0          # 0 running, 1 draining, 2 hard stop
-        self.stop_deadline = 0.0
+        self.held = 0   # CLOSING connections: their sockets wait for their splices
+        self.stop_state = Stop.RUNNING
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -460,7 +565,7 @@ class Proxy:
     def start(self) -> tuple:
         """Check, bind, build the engine, listen; return the first
         listener's address. Raises UsageError (nothing is left bound)."""
-        cfg = self.opts.config() if isinstance(self.opts, Options) else self.opts
+        cfg = self.opts.config() if isinstance(self.opts, Options) else check_config(self.opts)
         if cfg.check_upstreams:
             for h, p in dict.fromkeys(u for lc in cfg.listeners for u in lc.upstreams):
                 fam, sa = resolve(h, p, "UPSTREAM")
@@ -510,10 +615,11 @@ class Proxy:
                 self.engine = None
             raise
         self.cfg = cfg
-        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
-        self.sel.register(self.engine.fileno(), selectors.EVENT_READ, ("engine", None))
+        # Each selector entry's data is what run() calls when it is ready.
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.sel.register(self.engine.fileno(), selectors.EVENT_READ, self._engine_ready)
         if self.metrics_sock:
-            self.sel.register(self.metrics_sock, selectors.EVENT_READ, ("metrics", None))
+            self.sel.register(self.metrics_sock, selectors.EVENT_READ, self._metrics_accept)
         for lst in listeners:
             self.listeners[lst.conf.bind] = lst
             self._set_accepting(lst, True)
@@ -625,75 +731,90 @@ class Proxy:
         try:
             if self.on_ready:
                 self.on_ready(self.address)
+            select = self.sel.select
             while True:
-                if self.stopping and not self.conns:
-                    break
-                if self.stopping and time.monotonic() >= self.stop_deadline:
-                    if self.conns:
+                if self.stop_state is not Stop.RUNNING:
+                    if not self.conns:
+                        break
+                    if self.stop_state is Stop.STOPPING:
                         log.warning("grace period over: resetting %d connection(s)", len(self.conns))
-                    for c in list(self.conns.values()):
-                        self._reset_conn(c, "grace period over", "grace")
-                    break
-                for key, ev in self.sel.select(self._timeout()):
-                    kind, obj = key.data
-                    if kind == "listen":
-                        self._accept(obj)
-                    elif kind == "engine":
-                        pass   # reaped below
-                    elif kind == "connect":
-                        self._connected(obj)
-                    elif kind == "wake":
-                        self._on_wake()
-                    elif kind == "metrics":
-                        self._metrics_accept()
-                    elif kind == "http":
-                        self._metrics_serve(key.fileobj, obj)
+                        for c in list(self.conns.values()):
+                            self._close(c, "grace", "grace period over")
+                        break
+                for key, _ in select(self._timeout()):
+                    key.data()
                 # Every pass: an engine without a thread (bpf) is driven
                 # here, and a threaded one's reap() is a cheap eventfd read.
                 self._reap()
-                now = time.monotonic()
-                self._check_connect_timeouts(now)
-                self._check_idle(now)
-                if self.accept_again and now >= self.accept_again:
-                    self.accept_again = 0.0
-                    for lst in self.listeners.values():
-                        self._resume_accepting(lst)
+                self._run_due(time.monotonic())
         finally:
             self._shutdown()
         return 0
 
+    # -- deadlines: one heap --------------------------------------------------
+
+    def _at(self, when: float, callback: Callable, c: Conn | None = None) -> None:
+        """Call `callback(c, now)` once `when` (monotonic) has come. With a
+        connection, the entry is its one live deadline (`c.due`): arming
+        another, or any change of state, makes this one stale."""
+        if c is not None:
+            c.due = when
+        timers = self.timers
+        heapq.heappush(timers, (when, next(self._seq), callback, c))
+        if len(timers) > 2 * len(self.conns) + 1024:
+            # Stale entries wait for their time to come; with a long
+            # --idle and many short connections they would pile up.
+            timers[:] = [t for t in timers if t[3] is None or t[3].due == t[0]]
+            heapq.heapify(timers)
+
+    def _run_due(self, now: float) -> None:
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            when, _, callback, c = heapq.heappop(timers)
+            if c is None or c.due == when:
+                callback(c, now)
+
     def _timeout(self) -> float:
+        """Until the first live deadline (stale ones on top are dropped),
+        or sooner if the engine (driven by this loop) asks to be."""
+        timers = self.timers
         t = 1.0
-        now = time.monotonic()
-        for c in self.connecting.values():
-            t = min(t, c.deadline - now)
-        if self.idle_heap:
-            t = min(t, self.idle_heap[0][0] - now)
-        if self.accept_again:
-            t = min(t, self.accept_again - now)
-        if self.stopping:
-            t = min(t, self.stop_deadline - now)
+        while timers:
+            when, _, _, c = timers[0]
+            if c is None or c.due == when:
+                t = min(t, when - time.monotonic())
+                break
+            heapq.heappop(timers)
         if (e := self.engine.timeout()) is not None:
             t = min(t, e)
         return max(0.0, t)
+
+    def _engine_ready(self) -> None:
+        """The engine's fd: it only ends the select; run() reaps after
+        every pass."""
+
+    # -- stop and reload, from the wake socket ----------------------------------
 
     def _on_wake(self) -> None:
         try:
             got = self._wake_r.recv(64)
         except BlockingIOError:
             return
-        if b"h" in got and not self.stopping:
+        if b"h" in got and self.stop_state is Stop.RUNNING:
             self._reload()
         for _ in range(got.count(b"s")):
-            self.stopping += 1
-            if self.stopping == 1:
+            if self.stop_state is Stop.RUNNING:
+                self.stop_state = Stop.DRAINING
                 log.info("stopping: no new connections, %d live, grace %.1f s", len(self.conns), self.cfg.grace)
-                self.stop_deadline = time.monotonic() + self.cfg.grace
+                self._at(time.monotonic() + self.cfg.grace, self._grace_over)
                 for lst in list(self.listeners.values()):
                     self._close_listener(lst)
                 self.listeners.clear()
             else:
-                self.stop_deadline = time.monotonic()
+                self.stop_state = Stop.STOPPING
+
+    def _grace_over(self, _c: None, _now: float) -> None:
+        self.stop_state = Stop.STOPPING
 
     # -- reload ----------------------------------------------------------------
 
@@ -721,6 +842,7 @@ class Proxy:
         kernel (a reset), as a restart would. Live connections are not
         looked at: each keeps the Listener it was accepted by.
         """
+        check_config(cfg)
         old = self.cfg
         for key in ("backend", "backlog_cap", "metrics"):
             if getattr(cfg, key) != getattr(old, key):
@@ -762,7 +884,7 @@ class Proxy:
         if lst.sock is None or on == lst.accepting:
             return
         if on:
-            self.sel.register(lst.sock, selectors.EVENT_READ, ("listen", lst))
+            self.sel.register(lst.sock, selectors.EVENT_READ, partial(self._accept, lst))
         else:
             self.sel.unregister(lst.sock)
         lst.accepting = on
@@ -770,10 +892,17 @@ class Proxy:
     def _resume_accepting(self, lst: Listener) -> None:
         """Accept again unless stopping, paused, out of fds, or at the
         listener's max_conns."""
-        if self.stopping or self.accept_again or self.fd_full or lst.sock is None:
+        if (self.stop_state is not Stop.RUNNING or self.accept_again or self.fd_full
+                or lst.sock is None):
             return
         if not lst.conf.max_conns or self.live.get(lst.name, 0) < lst.conf.max_conns:
             self._set_accepting(lst, True)
+
+    def _accept_again_due(self, _c: None, now: float) -> None:
+        if self.accept_again and now >= self.accept_again:
+            self.accept_again = 0.0
+            for lst in self.listeners.values():
+                self._resume_accepting(lst)
 
     def _close_listener(self, lst: Listener) -> None:
         if lst.sock is not None:
@@ -802,6 +931,7 @@ class Proxy:
                 for other in self.listeners.values():
                     self._set_accepting(other, False)
                 self.accept_again = time.monotonic() + 0.5
+                self._at(self.accept_again, self._accept_again_due)
                 return
             s.setblocking(False)
             # As HAProxy: a relay must not hold bytes back for Nagle.
@@ -830,7 +960,11 @@ class Proxy:
         for lst in self.listeners.values():
             self._set_accepting(lst, False)
 
+    # -- CONNECTING -------------------------------------------------------------
+
     def _try_connect(self, c: Conn) -> None:
+        """Connect to the next upstream not tried yet (round robin from the
+        listener's turn), or close `c` (no_upstream) when none is left."""
         addrs = c.via.upstream_addrs
         while c.tries < len(addrs):
             fam, sa = addrs[c.up_index]
@@ -839,25 +973,23 @@ class Proxy:
                 u = socket.socket(fam, socket.SOCK_STREAM)
             except OSError as e:  # EMFILE, ENOBUFS: no upstream will do better now
                 log.error("conn %d: cannot create an upstream socket: %s", c.id, e)
-                self._reset_conn(c, "no socket", "no_upstream")
+                self._close(c, "no_upstream", "no socket")
                 return
             u.setblocking(False)
             u.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            c.connect_started = time.monotonic()
+            c.connect_started = now = time.monotonic()
             rc = u.connect_ex(sa)
             if rc in (0, errno.EINPROGRESS):
+                # Done at once (0) too: the socket is writable at once, and
+                # a CONNECTING upstream is always in the selector.
                 c.upstream = u
-                c.deadline = time.monotonic() + self.cfg.connect_timeout
-                if rc == 0:
-                    self._splice(c)
-                else:
-                    self.connecting[c.id] = c
-                    self.sel.register(u, selectors.EVENT_WRITE, ("connect", c))
+                self.sel.register(u, selectors.EVENT_WRITE, partial(self._connected, c))
+                self._at(now + self.cfg.connect_timeout, self._connect_due, c)
                 return
             u.close()
             self._connect_failed(c, os.strerror(rc))
         log.warning("conn %d: no upstream reachable, resetting the client", c.id)
-        self._reset_conn(c, "no upstream", "no_upstream")
+        self._close(c, "no_upstream", "no upstream")
 
     def _connect_failed(self, c: Conn, why: str) -> None:
         name = fmt_addr(c.via.conf.upstreams[c.up_index])
@@ -866,17 +998,13 @@ class Proxy:
         c.up_index = (c.up_index + 1) % len(c.via.upstream_addrs)
 
     def _drop_upstream(self, c: Conn) -> None:
-        self.connecting.pop(c.id, None)
-        if c.upstream is not None:
-            try:
-                self.sel.unregister(c.upstream)
-            except (KeyError, ValueError):
-                pass
-            c.upstream.close()
-            c.upstream = None
+        self.sel.unregister(c.upstream)
+        c.upstream.close()
+        c.upstream = None
 
     def _connected(self, c: Conn) -> None:
-        if c.closed or c.spliced or c.upstream is None:
+        """The upstream socket is writable: connected, or failed."""
+        if c.state is not CONNECTING:   # closed earlier in this same round
             return
         err = c.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -887,35 +1015,30 @@ class Proxy:
         self.sel.unregister(c.upstream)
         self._splice(c)
 
-    def _check_connect_timeouts(self, now: float) -> None:
-        for c in [c for c in self.connecting.values() if now >= c.deadline]:
-            if c.closed or c.spliced or c.upstream is None:
-                continue
-            if _writable(c.upstream):
-                # Connected while this loop was busy elsewhere: the
-                # event is still in the selector's queue.
-                self._connected(c)
-                continue
-            self._drop_upstream(c)
-            self._connect_failed(c, "connect timed out")
-            self._try_connect(c)
+    def _connect_due(self, c: Conn, _now: float) -> None:
+        """--connect-timeout has passed since the connect started."""
+        if _writable(c.upstream):
+            # Connected while this loop was busy elsewhere: the event is
+            # still in the selector's queue.
+            self._connected(c)
+            return
+        self._drop_upstream(c)
+        self._connect_failed(c, "connect timed out")
+        self._try_connect(c)
 
     def _splice(self, c: Conn) -> None:
-        self.connecting.pop(c.id, None)
-        c.spliced = True
+        """CONNECTING -> SPLICED: the PROXY header, if asked for, then both
+        directions in the engine; a refusal closes `c` (splice_refused)."""
         c.connect_secs = time.monotonic() - c.connect_started
         self.m.connect_time.observe(c.connect_secs)
-        c.upstream_name = fmt_addr(c.via.conf.upstreams[c.up_index])
         try:
             if c.via.conf.send_proxy:
                 self._send_proxy_header(c)
             # No idle= here: an idle timeout per direction would end a
             # quiet upload under a streaming download; --idle is kept per
-            # connection (_check_idle). The engine shares the two sockets,
+            # connection (_idle_due). The engine shares the two sockets,
             # which stay open until both splices are reaped (_release).
-            c.splices = list(self.engine.splice_pair(c.client, c.upstream, label=c.listener))
-            for sp, d in zip(c.splices, (UP, DOWN)):
-                self.splices[sp] = (c, d)
+            up, down = c.splices = self.engine.splice_pair(c.client, c.upstream, label=c.listener)
         except Exception as e:
             # Usually ENOTCONN or EPIPE: the client went away while we
             # connected. But a refusal for any other reason (EINVAL, ENOSPC,
@@ -926,12 +1049,20 @@ class Proxy:
             else:
                 log.exception("conn %d: splice failed", c.id)
             gone = _END_CLIENT_ABORT if _was_reset(c.client) else "splice_refused"
-            self._reset_conn(c, "splice refused", gone)
+            self._close(c, gone, "splice refused")
             return
-        if c.via.conf.idle is not None:
+        splices = self.splices
+        splices[up] = (c, UP)
+        splices[down] = (c, DOWN)
+        c.pending = 2
+        c.state = SPLICED
+        idle = c.via.conf.idle
+        if idle is None:
+            c.due = 0.0     # the connect deadline's entry is stale now
+        else:
             now = time.monotonic()
             c.quiet_since = now
-            self._arm_idle(c, now + c.via.conf.idle / IDLE_SLICES)
+            self._at(now + idle / IDLE_SLICES, self._idle_due, c)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("conn %d spliced to %s", c.id, fmt_addr(c.upstream.getpeername()))
 
@@ -946,69 +1077,58 @@ class Proxy:
         if c.upstream.send(hdr) != len(hdr):
             raise OSError(errno.EAGAIN, "the PROXY protocol header did not fit the send buffer")
 
-    # -- --idle: a deadline heap, looked at lazily ----------------------------
+    # -- SPLICED: --idle, looked at lazily --------------------------------------
 
-    def _arm_idle(self, c: Conn, when: float) -> None:
-        c.look_at = when
-        heapq.heappush(self.idle_heap, (when, c.id))
-        if len(self.idle_heap) > 2 * len(self.conns) + 1024:
-            # Closed connections' entries wait for their time to come; with
-            # a long --idle and many short connections they would pile up.
-            self.idle_heap = [(x.look_at, x.id) for x in self.conns.values()
-                              if x.spliced and not x.closed]
-            heapq.heapify(self.idle_heap)
+    def _idle_due(self, c: Conn, now: float) -> None:
+        """Reset `c` if it moved no byte either way for --idle.
 
-    def _check_idle(self, now: float) -> None:
-        """Reset the connections that moved no byte either way for --idle.
-
-        Only connections whose deadline has come are looked at (two byte
-        counts each). One that moved since the last look is looked at again
-        a slice of --idle later; one that did not, when --idle will have
+        Only connections whose look is due are looked at (two byte counts
+        each). One that moved since the last look is looked at again a
+        slice of --idle later; one that did not, when --idle will have
         passed since it last moved. So the timeout fires between --idle and
         --idle * (1 + 1/IDLE_SLICES) after the last byte, a busy connection
         costs IDLE_SLICES looks per --idle, and a quiet one two looks.
         """
-        # self.idle_heap, not a local: _arm_idle may replace the list.
-        while self.idle_heap and self.idle_heap[0][0] <= now:
-            _, cid = heapq.heappop(self.idle_heap)
-            c = self.conns.get(cid)
-            if c is None or c.closed:
-                continue
-            idle = c.via.conf.idle
-            total = sum(sp.bytes for sp in c.splices)
-            if total != c.seen:
-                c.seen, c.quiet_since = total, now
-                self._arm_idle(c, now + idle / IDLE_SLICES)
-            elif now - c.quiet_since >= idle:
-                log.debug("conn %d: no byte either way for %.1f s (--idle %g): resetting",
-                         c.id, now - c.quiet_since, idle)
-                self._reset_conn(c, "idle", "idle")
-            else:
-                self._arm_idle(c, c.quiet_since + idle)
+        idle = c.via.conf.idle
+        total = sum(sp.bytes for sp in c.splices)
+        if total != c.seen:
+            c.seen, c.quiet_since = total, now
+            self._at(now + idle / IDLE_SLICES, self._idle_due, c)
+        elif now - c.quiet_since >= idle:
+            log.debug("conn %d: no byte either way for %.1f s (--idle %g): resetting",
+                      c.id, now - c.quiet_since, idle)
+            self._close(c, "idle", "idle")
+        else:
+            self._at(c.quiet_since + idle, self._idle_due, c)
 
     # -- the end of a connection ----------------------------------------------
 
     def _reap(self) -> None:
+        """The engine's fd is readable: splices have ended."""
+        m = self.m
         for sp in self.engine.reap():
             entry = self.splices.pop(sp, None)
             if entry is None:
                 continue
             c, d = entry
             err = sp.error
-            self.m.bytes_done[d] += sp.bytes
-            self.m.kernel_done[d] += sp.kernel_bytes
+            m.bytes_done[d] += sp.bytes
+            m.kernel_done[d] += sp.kernel_bytes
             reason = reason_name(err)
-            self.m.splice_ends.labels(reason).inc()
-            if c.closed:
-                if not self._pending(c):
-                    self.held -= 1
+            m.splice_ends.labels(reason).inc()
+            c.pending -= 1
+            if c.state is not SPLICED:   # CLOSING: the proxy has reset it
+                if not c.pending:
                     self._release(c)
                 continue
-            source, drain = (c.client, c.upstream) if d == UP else (c.upstream, c.client)
-            if err == 0 and _reset_not_fin(source, other_done=(DOWN if d == UP else UP) in c.done):
+            source, drain = (c.client, c.upstream) if d is UP else (c.upstream, c.client)
+            if err == 0 and c.half is None and _reset_not_fin(source):
                 log.debug("conn %d: %s splice ended with EOF, but its source was reset", c.id, d)
                 err, reason = errno.ECONNRESET, "ECONNRESET"
-            c.ends[d] = reason
+            if d is UP:
+                c.up_end = reason
+            else:
+                c.down_end = reason
             if err == 0:
                 # A clean end, and only that, is passed on as a FIN.
                 log.debug("conn %d: %s splice ended with EOF: passing the FIN on", c.id, d)
@@ -1016,9 +1136,10 @@ class Proxy:
                     drain.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-                c.done.add(d)
-                if len(c.done) == 2:
-                    self._close(c, "done")
+                if c.half is None:
+                    c.half = d
+                else:
+                    self._close(c, _END_CLOSED, "both FINs passed on")
             else:
                 # The source was reset (ECONNRESET), the drain failed
                 # (EPIPE), ...: the stream is cut, and both peers must
@@ -1027,52 +1148,43 @@ class Proxy:
                 end = (_END_CLIENT_ABORT if _was_reset(c.client) else
                        _END_UPSTREAM_ABORT if _was_reset(c.upstream) else "error")
                 log.debug("conn %d: %s splice ended with %s: resetting both sides", c.id, d, reason)
-                self._reset_conn(c, f"{d} {reason}", end)
+                self._close(c, end, "a splice failed")
 
-    def _reset_conn(self, c: Conn, why: str, end: str) -> None:
-        """End `c` with a reset on both sides (see the module docstring).
+    def _close(self, c: Conn, end: str, why: str) -> None:
+        """The one way a connection ends: CONNECTING or SPLICED -> CLOSING,
+        or on to DONE (`_release`) when no splice of it is left to reap.
 
-        `end` is why: a peer's abort (_END_CLIENT_ABORT, _END_UPSTREAM_ABORT)
-        or a reason of the proxy's own, counted in sosplice_resets_total.
+        `end` is why (the log line's end=): _END_CLOSED once both
+        directions have passed their FIN on, and then the sockets are
+        closed normally; else a reset on both sides (see the module
+        docstring), counted as a peer's abort (_END_CLIENT_ABORT,
+        _END_UPSTREAM_ABORT) or in sosplice_resets_total by its reason.
+        `why` is for the debug line.
         """
-        if c.closed:
+        state = c.state
+        if state is CLOSING or state is DONE:
             return
-        if end == _END_CLIENT_ABORT:
-            self.m.client_aborts.inc()
-        elif end == _END_UPSTREAM_ABORT:
-            self.m.upstream_aborts.inc()
-        else:
-            self.m.resets.labels(end).inc()
         c.end = end
-        self._close(c, why, reset=True)
-
-    def _close(self, c: Conn, why: str, reset: bool = False) -> None:
-        """Forget `c` and close its sockets: normally once both directions
-        have passed their FIN on, with a reset otherwise (`_reset_conn`)."""
-        if c.closed:
-            return
-        c.closed = True
-        c.end = c.end or _END_CLOSED
+        c.due = 0.0     # its deadline, if any, is stale now
         c.duration = time.monotonic() - c.accepted
         self.m.duration.observe(c.duration)
-        for d in (UP, DOWN):
-            # A direction still open now is one the proxy cuts.
-            c.ends.setdefault(d, "cut" if c.spliced else "-")
-        log.debug("conn %d closed: %s%s", c.id, why, " (reset)" if reset else "")
-        self.conns.pop(c.id, None)
-        self.connecting.pop(c.id, None)
-        # Only a connection still connecting has a socket in the selector;
-        # asking to unregister one that is not costs the KeyError's message,
-        # which formats the socket (getpeername, getsockname): 70 us each.
-        registered = self.sel.get_map()
-        for s in (c.client, c.upstream):
-            if s is not None and s.fileno() >= 0 and s.fileno() in registered:
-                self.sel.unregister(s)
-        if reset:
-            for s in (c.client, c.upstream):
-                if s is not None:
-                    _reset(s)
-        if self._pending(c):
+        del self.conns[c.id]
+        if state is CONNECTING and c.upstream is not None \
+                and c.upstream.fileno() in self.sel.get_map():
+            self.sel.unregister(c.upstream)
+        if end != _END_CLOSED:
+            if end == _END_CLIENT_ABORT:
+                self.m.client_aborts.inc()
+            elif end == _END_UPSTREAM_ABORT:
+                self.m.upstream_aborts.inc()
+            else:
+                self.m.resets.labels(end).inc()
+            _reset(c.client)
+            if c.upstream is not None:
+                _reset(c.upstream)
+        log.debug("conn %d closed: %s (end=%s)", c.id, why, end)
+        if c.pending:
+            c.state = CLOSING
             self.held += 1
         else:
             self._release(c)
@@ -1088,18 +1200,16 @@ class Proxy:
             self._resume_accepting(lst)
 
     def _release(self, c: Conn) -> None:
-        """The last step of a closed connection, once no splice of it is
-        left to reap: close its sockets (the engine no longer uses them),
-        write its line."""
-        for s in (c.client, c.upstream):
-            if s is not None:
-                s.close()
-        self._log_end(c)
-
-    def _pending(self, c: Conn) -> bool:
-        """Whether a splice of `c` is still to be reaped (its final byte
-        count still to come)."""
-        return any(sp in self.splices for sp in c.splices)
+        """-> DONE, once no splice of `c` is left to reap: close its
+        sockets (the engine no longer uses them), write its line."""
+        if c.state is CLOSING:
+            self.held -= 1
+        c.state = DONE
+        c.client.close()
+        if c.upstream is not None:
+            c.upstream.close()
+        if log.isEnabledFor(logging.INFO):
+            self._log_end(c)
 
     def _log_end(self, c: Conn) -> None:
         """The connection's one line, at info, once it is closed and its
@@ -1109,25 +1219,25 @@ class Proxy:
         upstream connect duration up_bytes down_bytes kernel up_end
         down_end end. Bytes are exact; kernel is the share of both
         directions moved without a copy through the proxy, floored (100%:
-        every byte).
+        every byte). A direction still running when the proxy closed the
+        connection was `cut`; one never started is `-`.
         """
-        if c.logged:
-            return
-        c.logged = True
-        if not log.isEnabledFor(logging.INFO):
-            return
-        moved = {UP: 0, DOWN: 0}
-        kernel = 0
-        for sp, d in zip(c.splices, (UP, DOWN)):   # _splice makes UP first
-            moved[d] = sp.bytes
-            kernel += sp.kernel_bytes
-        total = moved[UP] + moved[DOWN]
+        if c.splices:
+            up, down = c.splices
+            moved_up, moved_down = up.bytes, down.bytes
+            kernel = up.kernel_bytes + down.kernel_bytes
+            cut = "cut"
+        else:
+            moved_up = moved_down = kernel = 0
+            cut = "-"
+        total = moved_up + moved_down
         log.info("conn=%d client=%s listener=%s upstream=%s connect=%s duration=%.3fs "
                  "up_bytes=%d down_bytes=%d kernel=%s up_end=%s down_end=%s end=%s",
-                 c.id, fmt_peer(c.peer), c.listener or "-", c.upstream_name,
+                 c.id, fmt_peer(c.peer), c.listener or "-",
+                 "-" if c.connect_secs is None else fmt_addr(c.via.conf.upstreams[c.up_index]),
                  "-" if c.connect_secs is None else f"{c.connect_secs:.6f}s", c.duration,
-                 moved[UP], moved[DOWN], f"{kernel * 100 // total}%" if total else "-",
-                 c.ends[UP], c.ends[DOWN], c.end)
+                 moved_up, moved_down, f"{kernel * 100 // total}%" if total else "-",
+                 c.up_end or cut, c.down_end or cut, c.end)
 
     # -- metrics over HTTP, in the same loop ---------------------------------
 
@@ -1137,7 +1247,8 @@ class Proxy:
         except OSError:
             return
         s.setblocking(False)
-        self.sel.register(s, selectors.EVENT_READ, ("http", bytearray()))
+        self.scrapes.add(s)
+        self.sel.register(s, selectors.EVENT_READ, partial(self._metrics_serve, s, bytearray()))
 
     def _metrics_serve(self, s: socket.socket, buf: bytearray) -> None:
         try:
@@ -1150,6 +1261,7 @@ class Proxy:
         if data and b"\r\n\r\n" not in buf and b"\n\n" not in buf and len(buf) < 65536:
             return
         self.sel.unregister(s)
+        self.scrapes.discard(s)
         try:
             if buf.startswith(b"GET "):
                 from .metrics import CONTENT_TYPE
@@ -1180,22 +1292,22 @@ class Proxy:
 
     def _shutdown(self) -> None:
         for c in list(self.conns.values()):   # only after an exception in the loop
-            self._reset_conn(c, "exit", "exit")
+            self._close(c, "exit", "exit")
         for lst in self.listeners.values():
             self._close_listener(lst)
-        for key in list(self.sel.get_map().values()):
-            if key.data and key.data[0] == "http":
-                key.fileobj.close()
+        for s in self.scrapes:
+            s.close()
+        self.scrapes.clear()
         if self.metrics_sock:
             self.metrics_sock.close()
             self.metrics_sock = None
         self.sel.close()
         if self.engine is not None:
             self.engine.close()
-            # Closed connections whose splices were not reaped yet: their
+            # CLOSING connections, whose splices were not reaped yet: their
             # lines, with the counts that closing the engine made final.
             for c in {c for c, _ in self.splices.values()}:
-                if c.closed:
+                if c.state is CLOSING:
                     self._release(c)
             self.splices.clear()
             self.engine = None

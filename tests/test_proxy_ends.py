@@ -268,21 +268,21 @@ def test_idle_costs_two_looks_per_quiet_connection(backend):
     addr = px.start()
     looks = 0                   # byte counts read by the idle checks (not by _reap)
     checking = False
-    count_bytes, check_idle = px.engine._bytes_of, px._check_idle
+    count_bytes, idle_due = px.engine._bytes_of, px._idle_due
 
     def counting(handle, kernel=False):
         nonlocal looks
         looks += checking
         return count_bytes(handle, kernel)
 
-    def check(now):
+    def check(c, now):
         nonlocal checking
         checking = True
         try:
-            check_idle(now)
+            idle_due(c, now)
         finally:
             checking = False
-    px.engine._bytes_of, px._check_idle = counting, check
+    px.engine._bytes_of, px._idle_due = counting, check
     t = threading.Thread(target=px.run, name="test-proxy")
     t.start()
     conns = []
