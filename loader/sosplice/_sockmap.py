@@ -714,11 +714,22 @@ class SockmapSplicer(Splicer):
             try:
                 data = rec.src.recv(n, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                break  # counted by the verdict, not yet queued: EPOLLIN follows
+                # Counted by the verdict, not yet queued: EPOLLIN follows.
+                # Not always after EOF: a connection aborted or reset while
+                # bytes were passed loses its psock, and what it held comes
+                # back to the TCP queue with no new edge. Look again.
+                if rec.eof:
+                    self._later(rec)
+                break
             except OSError as e:
                 self._dissolve(rec, e.errno or errno.EIO)
                 break
             if not data:
+                if rec.eof and _sock.tcp_state(rec.src) == _sock.TCP_CLOSE:
+                    # The connection is gone (reset, or aborted by the
+                    # application) with counted bytes that never reached
+                    # the queue: they died with it. A cut stream.
+                    self._dissolve(rec, rec.src_error or errno.ECONNRESET)
                 break
             rec.taken += len(data)
             rec.pending = data
