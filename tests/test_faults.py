@@ -633,7 +633,7 @@ dst = socket.create_connection(("127.0.0.1", port_r))
 final["sp"] = sp = sosplice.splice(src, dst)
 info = {"spliced": True}
 eng = sosplice.default_engine()
-prog = getattr(eng, "_prog", None)
+prog = getattr(eng._backend, "_prog", None)
 if prog is not None:
     def fdinfo(fd, key):
         with open(f"/proc/self/fdinfo/{fd}") as f:
@@ -1002,7 +1002,7 @@ def test_proxy_across_namespaces_small_mtu():
 
 
 def _bpf_maps(engine: sosplice.Splicer) -> dict[str, int]:
-    prog = engine._prog
+    prog = engine._backend._prog
     return {"sources": len(prog.keys(prog.sources_fd)),
             "drains": len(prog.keys(prog.drains_fd)),
             # ctl and stats are arrays: count the slots still owned, and
@@ -1064,7 +1064,7 @@ def test_bpf_maps_empty_after_faults(env, splicer):
         assert_no_live_rows(splicer)
         wait_until(lambda: _bpf_maps(splicer) == empty, 10,
                    f"{fault}: maps empty (now {_bpf_maps(splicer)})", interval=0.05)
-        prog = splicer._prog
+        prog = splicer._backend._prog
         assert not cookies & (prog.keys(prog.sources_fd) | prog.keys(prog.drains_fd))
     assert_serves(env, splicer)
     assert _bpf_maps(splicer) == empty

@@ -1,21 +1,24 @@
 """What every backend shares: the API, validation, and the end of a splice.
 
-`Splicer` is the one public engine class. `Splicer(backend=...)` builds
-the backend's subclass:
+`Splicer` is the one public engine class, a plain class: it holds
+`self._backend`, an object implementing `_backend.Backend`, which
+`Splicer(backend=...)` chooses:
 
-  "bpf"     _sockmap.SockmapSplicer: the verdict program moves bytes in
+  "bpf"     _sockmap.SockmapBackend: the verdict program moves bytes in
             softirq context; a controller thread keeps limits and order.
-  "worker"  _worker.WorkerSplicer: splice(2) through a pipe per splice,
+  "worker"  _worker.WorkerBackend: splice(2) through a pipe per splice,
             driven by one worker thread per CPU; no privilege needed.
   "auto"    bpf if its programs load, else worker; `Splicer.fallback`
             says why bpf did not (any load failure: privilege, kernel,
             bcc, a compile or verifier error).
 
-The subclass owns how bytes move and when a splice is flushed; this class
-owns everything the application sees: validation and errors, the tables
-of live and ended splices, reporting each end once (`_report`), `stats()`
-and when to publish the snapshots `splicectl ls/top` read (their schema
-and files: `snapshot`).
+The backend owns how bytes move and when a splice is flushed; this class
+owns everything the application sees: validation and errors, the
+lifecycle (`Life`), the tables of live and ended splices, the end decision
+of close(), reporting each end once (`ended`, the only writer of DONE;
+`_stop_taking`, the only writer of DISSOLVING), `stats()` and when to
+publish the snapshots `splicectl ls/top` read (their schema and files:
+`snapshot`). What a backend may touch of the engine: see `_backend`.
 
 Lock: `Splicer._lock` guards the tables below and every record's
 transition to DONE. A backend may add its own finer locks; it takes them
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import builtins
 import collections
-import enum
 import errno
 import math
 import os
@@ -36,19 +38,18 @@ import time
 from typing import Any, Callable
 
 from . import snapshot as snap
-from . import _sock
-from .snapshot import SpliceInfo
+from . import _bpf, _sock
+from ._backend import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, SWEEP_SHARE, Backend, Life, _err, _next_sweep
+from ._sockmap import SockmapBackend, adopt_programs
 from ._splice import Splice, SpliceRecord, State
+from ._worker import WorkerBackend
+from .snapshot import SpliceInfo
 
-DEFAULT_BACKLOG_CAP = 4 << 20
+__all__ = ["CLOSE_SWEEP", "DEFAULT_BACKLOG_CAP", "SWEEP_SHARE", "Life", "Splicer", "_next_sweep"]
 MIN_BACKLOG_CAP = 64 << 10
 # The bpf backend sizes the drain's SO_SNDBUF to twice the cap, an int.
 MAX_BACKLOG_CAP = 256 << 20
 BACKENDS = ("bpf", "worker", "auto")
-# How often to check whether the application has closed a spliced fd (two
-# fstat() per splice), unless that takes more than SWEEP_SHARE of the time.
-CLOSE_SWEEP = 0.2
-SWEEP_SHARE = 0.02
 # How long dissolved splices stay visible in stats().
 RECENT = 60.0
 # ... and at most this many of them: a proxy ending thousands of splices a
@@ -58,18 +59,6 @@ RECENT_MAX = 4096
 # Publishing snapshots for `splicectl ls` and `top` (`snapshot`) takes at
 # most this share of the time.
 SNAPSHOT_SHARE = 0.02
-
-
-class Life(enum.Enum):
-    """An engine's lifecycle: OPEN -> CLOSING (close() has begun: no new
-    splice; the live ones are flushed) -> CLOSED (the backend stopped)."""
-    OPEN = "open"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-def _err(code: int, msg: str) -> OSError:
-    return OSError(code, f"{os.strerror(code)}: {msg}")
 
 
 def _check_sock_type(obj: object, what: str) -> None:
@@ -150,12 +139,6 @@ def _check_options(max: object, idle: object, label: object) -> int:
     return _idle_ns(idle)
 
 
-def _next_sweep(started: float) -> float:
-    """When the next sweep that began at `started` (monotonic) may run."""
-    took = time.monotonic() - started
-    return started + builtins.max(CLOSE_SWEEP, took / SWEEP_SHARE)
-
-
 def _idle_ns(idle: float | None) -> int:
     """`idle` seconds as the records keep it: 0 = none, else >= 1 ns."""
     if idle is None:
@@ -220,35 +203,9 @@ class Splicer:
     # "bpf: EPERM, needs CAP_BPF". Empty when the backend is the one asked for.
     fallback: str = ""
 
-    def __new__(cls, *, backend: str | None = None, **kw: Any) -> Splicer:
-        if cls is not Splicer:
-            return super().__new__(cls)
-        name = requested_backend(backend)
-        if name == "worker":
-            from ._worker import WorkerSplicer
-            return super().__new__(WorkerSplicer)
-        if name == "bpf":
-            from ._sockmap import SockmapSplicer
-            return super().__new__(SockmapSplicer)
-        # "auto": load the programs here, where a failure can still choose
-        # the class; the bpf engine's __init__ takes them over. Any failure
-        # (bcc raises bare Exception) means worker, with its reason.
-        _check_backlog_cap(kw.get("backlog_cap", DEFAULT_BACKLOG_CAP))
-        try:
-            from ._sockmap import SockmapSplicer, adopt_programs
-            programs = adopt_programs(kw.get("max_sockets", 65536))
-        except Exception as e:
-            from . import _bpf
-            from ._worker import WorkerSplicer
-            self = super().__new__(WorkerSplicer)
-            self.fallback = "bpf: " + _bpf.load_failure(e)
-            return self
-        self = super().__new__(SockmapSplicer)
-        self._programs = programs
-        return self
-
     def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
                  max_sockets: int = 65536, thread: bool = True) -> None:
+        name = requested_backend(backend)
         _check_backlog_cap(backlog_cap)
         self.backlog_cap = backlog_cap
         self._lock = threading.RLock()
@@ -266,6 +223,26 @@ class Splicer:
         self._snapshot_written = False
         self._snapshot_next = 0.0         # time.monotonic() of the next one allowed
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self._backend: Backend = self._make_backend(name, max_sockets, thread)
+        except BaseException:
+            os.close(self._ready)
+            raise
+        self.backend = self._backend.name
+
+    def _make_backend(self, name: str, max_sockets: int, thread: bool) -> Backend:
+        if name == "worker":
+            return WorkerBackend(self)
+        if name == "bpf":
+            return SockmapBackend(self, adopt_programs(max_sockets), max_sockets, thread)
+        # "auto": any failure to load the programs (bcc raises bare
+        # Exception) means worker, with its reason.
+        try:
+            programs = adopt_programs(max_sockets)
+        except Exception as e:
+            self.fallback = "bpf: " + _bpf.load_failure(e)
+            return WorkerBackend(self)
+        return SockmapBackend(self, programs, max_sockets, thread)
 
     # -- public API ---------------------------------------------------------
 
@@ -352,7 +329,7 @@ class Splicer:
         if dcookie in self._drains:
             raise _err(errno.EBUSY, "drain is already fed by another splice")
         handle = Splice(self)
-        rec = self._start(dict(
+        rec = self._backend.start(dict(
             handle=handle, src=src, dst=dst, src_cookie=scookie, dst_cookie=dcookie,
             user_fds=user_fds, inodes=inodes, max=max, idle_ns=idle_ns,
             started_ns=time.monotonic_ns(), addrs=(ends[2], ends[3]), label=label))
@@ -367,7 +344,7 @@ class Splicer:
             self._swept[rec.src_cookie] = rec
         self._last.pop(rec.src_cookie, None)
         self._unreported.pop(rec.src_cookie, None)
-        self._started(rec)
+        self._backend.started(rec)
         return rec
 
     def unsplice(self, source: socket.socket | int) -> int:
@@ -391,7 +368,7 @@ class Splicer:
             if rec is None:
                 return 0
             if rec.state is not State.DONE:
-                self._refresh(rec)
+                self._backend.refresh(rec)
             return rec.bytes
 
     def geterror(self, source: socket.socket | int) -> int:
@@ -405,16 +382,18 @@ class Splicer:
 
         With thread=False (bpf), readable whenever the engine has work:
         call reap() then, and at the latest timeout() seconds later."""
-        return self._ready
+        fd = self._backend.fileno()
+        return self._ready if fd is None else fd
 
     def timeout(self) -> float | None:
         """With thread=False: seconds until the engine must be driven again
         (a reap() call) even if fileno() stays quiet. None: never (the
         engine runs its own threads)."""
-        return None
+        return self._backend.timeout()
 
     def reap(self) -> list[Splice]:
         """Splices that dissolved since the last call; clears `fileno()`."""
+        self._backend.drive()
         with self._lock:
             out, self._reaped = self._reaped, []
             try:
@@ -431,7 +410,23 @@ class Splicer:
 
     def close(self) -> None:
         """Unsplice everything (losslessly) and stop. Idempotent."""
-        raise NotImplementedError
+        with self._lock:
+            if self._life is not Life.OPEN:
+                return
+            self._life = Life.CLOSING
+            live = list(self._live.values())
+            for rec in live:
+                self._backend.dissolve(rec)
+        deadline = time.monotonic() + 10
+        for rec in live:
+            self._wait(rec.handle, builtins.max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._life = Life.CLOSED
+            for rec in list(self._live.values()):  # a drain that never took its bytes
+                self._backend.abandon(rec)
+        self._backend.close()
+        self._remove_snapshot()
+        os.close(self._ready)
 
     def __enter__(self) -> Splicer:
         self._check_open()
@@ -444,27 +439,25 @@ class Splicer:
         state = "closed" if self._life is Life.CLOSED else f"{len(self._live)} live"
         return f"<sosplice.Splicer backend={self.backend} {state}>"
 
-    # -- what a backend provides --------------------------------------------
-
-    def _start(self, init: dict[str, Any]) -> SpliceRecord:
-        """Set up the data path (under the lock) and return the backend's
-        record, made with the shared [I] fields in `init`; the record is
-        not live yet. Raises OSError, having undone what it set up."""
-        raise NotImplementedError
-
-    def _started(self, rec: SpliceRecord) -> None:
-        """The record is in the tables: let bytes flow (under the lock)."""
-        raise NotImplementedError
+    # -- the backend's part of the end ----------------------------------------
 
     def _unsplice(self, rec: SpliceRecord) -> int:
         """Dissolve with 0 unless already dissolving; wait for DONE."""
-        raise NotImplementedError
-
-    def _refresh(self, rec: SpliceRecord) -> None:
-        """Bring kernel-side counters into the record (under the lock)."""
+        with self._lock:
+            self._backend.dissolve(rec)
+        self._wait(rec.handle, None)
+        return rec.bytes
 
     def _expire_more(self, cutoff: int) -> None:
         """Forget `_last` entries of sockets that are gone (under the lock)."""
+        # Forget the last count of sockets that are gone: a bpf source
+        # leaves `sources` only when closed (or after EOF, when it was deleted).
+        alive = self._backend.alive_sources()
+        if alive is None:
+            return
+        for c in [c for c, r in self._last.items() if c not in alive and r.done_ns < cutoff]:
+            del self._last[c]
+            self._unreported.pop(c, None)
 
     # -- shared transitions -------------------------------------------------
 
@@ -483,6 +476,11 @@ class Splicer:
             rec.state = State.DISSOLVING
             rec.error = error
             return True
+
+    def ended(self, rec: SpliceRecord) -> None:
+        """A backend reports the end of `rec`, flushed and released: the
+        one way it does (under the lock, the record's sockets closed)."""
+        self._report(rec)
 
     def _report(self, rec: SpliceRecord) -> None:
         """Flushed and released: record the end, wake the waiters, once.
@@ -578,7 +576,7 @@ class Splicer:
 
     def _wait(self, handle: Splice, timeout: float | None) -> bool:
         """Wait until `handle` has ended: True, or False after `timeout` s."""
-        return handle._done.wait(timeout)
+        return self._backend.wait(handle, timeout)
 
     def _unsplice_handle(self, handle: Splice) -> int:
         with self._lock:
@@ -595,7 +593,7 @@ class Splicer:
             return rec.kernel_bytes if kernel else rec.bytes
         with self._lock:
             if rec.state is not State.DONE:
-                self._refresh(rec)
+                self._backend.refresh(rec)
             return rec.kernel_bytes if kernel else rec.bytes
 
     def _on_done(self, handle: Splice, fn: Callable[[], None]) -> None:
@@ -620,7 +618,7 @@ class Splicer:
         out = []
         for rec in [*self._live.values(), *self._recent]:
             if rec.state is not State.DONE:
-                self._refresh(rec)
+                self._backend.refresh(rec)
             out.append(self._info(rec, now))
         return out
 

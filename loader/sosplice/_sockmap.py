@@ -1,7 +1,7 @@
 """The bpf backend: BPF programs, one record per splice, one controller thread.
 
 Transitions, each one function, all under `Splicer._lock`:
-  _start()     start: insert into the maps, publish ctl (after _engine.Splicer.splice
+  start()      start: insert into the maps, publish ctl (after _engine.Splicer.splice
                validated the sockets)
   _move()      the controller's step for one splice: copy passed bytes in
                order, publish ctl, put a source that started out of the
@@ -33,7 +33,6 @@ import collections
 import contextlib
 import ctypes as ct
 import errno
-import os
 import select
 import socket
 import struct
@@ -41,14 +40,17 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _sock
 from ._bpf import Programs
-from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Life, Splicer, _err, _next_sweep
+from ._backend import CLOSE_SWEEP, Life, _err, _next_sweep
 from ._maps import U64, SpliceEvent, SpliceStats
 from ._reactor import DRAIN, SOURCE, Reactor
 from ._splice import Splice, SpliceRecord, State
+
+if TYPE_CHECKING:
+    from ._engine import Splicer
 
 # Largest copy the controller makes per step for one splice, so one busy
 # splice cannot starve the others.
@@ -65,7 +67,7 @@ _HOLD = 1 << 63  # a `copied` value `passed` never reaches: pass everything
 
 # Source cookie -> the engine whose `sources` map holds it, for every bpf
 # engine of this process: a socket can have one verdict program only.
-_CLAIMED: dict[int, SockmapSplicer] = {}
+_CLAIMED: dict[int, SockmapBackend] = {}
 
 # Programs of closed engines whose `sources` map still holds open sockets.
 # A socket leaves its sockmap only losslessly when nothing is queued in its
@@ -181,21 +183,17 @@ class SockmapRecord(SpliceRecord):
             assert self.bytes <= self.max, ("moved beyond max", self.bytes, self.max)
 
 
-class SockmapSplicer(Splicer):
-    """The bpf backend: see `Splicer` for the arguments.
+class SockmapBackend:
+    """The bpf backend (`_backend.Backend`) of a `Splicer`, with the
+    programs `adopt_programs` loaded (it raises PermissionError (EPERM)
+    without CAP_BPF/CAP_NET_ADMIN, OSError (ENOSYS) on a kernel older
+    than 6.16)."""
 
-    Raises:
-        PermissionError (EPERM): no CAP_BPF/CAP_NET_ADMIN.
-        OSError (ENOSYS): the kernel is older than 6.16.
-    """
+    name = "bpf"
 
-    backend = "bpf"
-
-    def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
-                 max_sockets: int = 65536, thread: bool = True) -> None:
-        super().__init__(backlog_cap=backlog_cap)
-        # Loaded already when Splicer(backend="auto") chose this class.
-        self._prog = self.__dict__.pop("_programs", None) or adopt_programs(max_sockets)
+    def __init__(self, eng: Splicer, programs: Programs, max_sockets: int, thread: bool) -> None:
+        self._eng = eng
+        self._prog = programs
         self._max_sockets = max_sockets
         self._sleeps_until = 1 << 63   # monotonic ns the controller means to wake by (_run)
         self._sources: set[int] = set()                 # cookies we put in `sources`
@@ -223,32 +221,15 @@ class SockmapSplicer(Splicer):
             # No controller thread: the application's loop drives the
             # engine (reap(), timeout()), and waits on the reactor's epoll,
             # which the ended splices' eventfd makes readable too.
-            self._reactor.ep.register(self._ready, select.EPOLLIN)
+            self._reactor.ep.register(self._eng._ready, select.EPOLLIN)
 
     def close(self) -> None:
-        """Unsplice everything (losslessly) and unload the programs. Idempotent."""
-        with self._lock:
-            if self._life is not Life.OPEN:
-                return
-            self._life = Life.CLOSING
-            for rec in list(self._live.values()):
-                if rec.state is State.ACTIVE:
-                    self._dissolve(rec, 0)
-                    self._at(rec, 0)
-            self._reactor.kick()
-        deadline = time.monotonic() + 10
-        for rec in list(self._live.values()):
-            self._wait(rec.handle, max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            self._life = Life.CLOSED
-            for rec in list(self._live.values()):  # a drain that never flushed
-                self._finish(rec)
+        """Stop the controller and retire the programs (the engine has
+        reported every splice: `Splicer.close`)."""
         self._reactor.kick()
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join()
         self._reactor.close()
-        self._remove_snapshot()
-        os.close(self._ready)
         for c in self._sources:
             if _CLAIMED.get(c) is self:
                 del _CLAIMED[c]
@@ -257,9 +238,18 @@ class SockmapSplicer(Splicer):
             _RETIRED.append(self._prog)
         reap_retired()
 
+    def dissolve(self, rec: SockmapRecord) -> None:
+        if rec.state is State.ACTIVE:
+            self._dissolve(rec, 0)
+            self._at(rec, 0)
+            self._reactor.kick()
+
+    def abandon(self, rec: SockmapRecord) -> None:
+        self._finish(rec)
+
     # -- start --------------------------------------------------------------
 
-    def _start(self, init: dict[str, Any]) -> SockmapRecord:
+    def start(self, init: dict[str, Any]) -> SockmapRecord:
         dst, dcookie = init["dst"], init["dst_cookie"]
         state, acked, queued = _sock.progress(dst)
         base = acked + queued
@@ -270,11 +260,11 @@ class SockmapSplicer(Splicer):
         # sockmap (docs/kernel-notes.md K9); it can still send, so the controller
         # copies every byte of such a splice itself (credit stays 0).
         drain_in_map = True
-        if dst.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 4 * self.backlog_cap:
+        if dst.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 4 * self._eng.backlog_cap:
             # Room for the whole cap in the drain's own send queue, with
             # the kernel's per-skb overhead (see _publish). Also what lifts
             # bulk speed (docs/kernel-notes.md K14).
-            dst.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * self.backlog_cap)
+            dst.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * self._eng.backlog_cap)
         try:
             self._prog.insert(self._prog.drains_fd, dcookie, dst.fileno())
         except OSError as e:
@@ -303,7 +293,7 @@ class SockmapSplicer(Splicer):
             raise
         return rec
 
-    def _started(self, rec: SockmapRecord) -> None:
+    def started(self, rec: SockmapRecord) -> None:
         # Edge-triggered: passed bytes keep the source readable while the
         # controller waits for the drain, and a level-triggered source
         # would spin. Every new skb or FIN is a new edge. A drain that is
@@ -528,8 +518,8 @@ class SockmapSplicer(Splicer):
         except (OSError, ValueError):
             return False
         snapshot = None
-        with self._lock:
-            if self._life is Life.CLOSED:
+        with self._eng._lock:
+            if self._eng._life is Life.CLOSED:
                 return False
             work: set[SockmapRecord] = set()
             _, events = self._reactor.dispatch(raw)
@@ -545,27 +535,27 @@ class SockmapSplicer(Splicer):
                     rec.eof = True
                 work.add(rec)
             for c in self._rb_hit:
-                if c in self._live:
-                    work.add(self._live[c])
+                if c in self._eng._live:
+                    work.add(self._eng._live[c])
             self._rb_hit.clear()
             now = time.monotonic_ns()
             work.update(self._reactor.due(now))
             if (t0 := time.monotonic()) >= self._next_sweep:
                 self._sweep_closed()
-                self._expire_recent()
-                snapshot = self._snapshot()
+                self._eng._expire_recent()
+                snapshot = self._eng._snapshot()
                 self._next_sweep = _next_sweep(t0)
             for rec in work:
                 if rec.state is not State.DONE:
                     self._move(rec)
-        self._write_snapshot(snapshot)
+        self._eng._write_snapshot(snapshot)
         return True
 
     # -- driven by the application (Splicer(thread=False)) ------------------
 
-    def fileno(self) -> int:
+    def fileno(self) -> int | None:
         if self._thread is not None:
-            return self._ready
+            return None   # the engine's eventfd of ended splices
         return self._reactor.ep.fileno()
 
     def timeout(self) -> float | None:
@@ -573,18 +563,17 @@ class SockmapSplicer(Splicer):
             return None
         return self._timeout()
 
-    def reap(self) -> list[Splice]:
-        if self._thread is None and self._life is not Life.CLOSED:
+    def drive(self) -> None:
+        if self._thread is None and self._eng._life is not Life.CLOSED:
             self._step(0)
-        return super().reap()
 
-    def _wait(self, handle: Splice, timeout: float | None) -> bool:
+    def wait(self, handle: Splice, timeout: float | None) -> bool:
         if self._thread is not None:
             return handle._done.wait(timeout)
         end = None if timeout is None else time.monotonic() + timeout
         while not handle._done.is_set():
             left = self._timeout() if end is None else min(self._timeout(), end - time.monotonic())
-            if left < 0 or self._life is Life.CLOSED:
+            if left < 0 or self._eng._life is Life.CLOSED:
                 break
             self._step(left)
         return handle._done.is_set()
@@ -701,7 +690,7 @@ class SockmapSplicer(Splicer):
             if written < rec.moved + rec.sent:
                 self._later(rec)  # the drain's backlog is not empty yet
                 break
-            if rec.drain_in_map and rec.moved + rec.sent - (acked - rec.drain_base) >= self.backlog_cap:
+            if rec.drain_in_map and rec.moved + rec.sent - (acked - rec.drain_base) >= self._eng.backlog_cap:
                 # The cap binds this path too: bytes the drain's peer has
                 # not acknowledged stay within it whichever path sent them.
                 self._later(rec)
@@ -867,11 +856,11 @@ class SockmapSplicer(Splicer):
             # bytes its verdict passes queue behind it uncharged to its
             # receive buffer, and TCP flow control would not hold back
             # its peer (measured on 6.18; tests/test_basic.py::test_nonblock).
-            credit = max(0, acked - rec.drain_base - rec.sent + self.backlog_cap)
+            credit = max(0, acked - rec.drain_base - rec.sent + self._eng.backlog_cap)
             if rec.max:
                 credit = min(credit, rec.max - rec.taken)
         copied = (rec.sent - rec.q_old) % U64
-        notify = max(rec.moved + 1, credit - self.backlog_cap // 2)
+        notify = max(rec.moved + 1, credit - self._eng.backlog_cap // 2)
         want = (credit, copied, notify)
         if want != rec.published or force:
             # Credit before copied: the verdict reads copied first, so a
@@ -893,8 +882,8 @@ class SockmapSplicer(Splicer):
 
     def _sweep_closed(self) -> None:
         """End splices whose source or drain the application has closed."""
-        for rec in list(self._swept.values()):
-            if rec.state is State.ACTIVE and (why := self._closed_by_app(rec)) is not None:
+        for rec in list(self._eng._swept.values()):
+            if rec.state is State.ACTIVE and (why := self._eng._closed_by_app(rec)) is not None:
                 self._dissolve(rec, why)
                 self._move(rec)
 
@@ -903,7 +892,7 @@ class SockmapSplicer(Splicer):
     def _dissolve(self, rec: SockmapRecord, error: int) -> None:
         """Stop redirecting and counting; the flush follows in _move."""
         rec.check_invariants()
-        taken = self._stop_taking(rec, error)
+        taken = self._eng._stop_taking(rec, error)
         assert taken, "only an ACTIVE splice dissolves"
         self._prog.ctl[rec.slot].source = 0
 
@@ -915,16 +904,16 @@ class SockmapSplicer(Splicer):
             self._dissolve(rec, 0)
         self._read_stats(rec)
         rec.check_invariants()
-        assert self._live.get(rec.src_cookie) is rec and self._drains.get(rec.dst_cookie) is rec
+        assert self._eng._live.get(rec.src_cookie) is rec and self._eng._drains.get(rec.dst_cookie) is rec
         self._release_slot(rec)
         self._leave_maps(rec)
-        if rec.fifo > 0 and self._app_closed(rec, 0):
+        if rec.fifo > 0 and self._eng._app_closed(rec, 0):
             self._reset_on_close.add(rec.src_cookie)
         for s, c, role in ((rec.src, rec.src_cookie, SOURCE), (rec.dst, rec.dst_cookie, DRAIN)):
             self._reactor.unwatch(s.fileno(), role, rec)
             if rec.borrowed:
                 continue   # the application's own sockets (splice_pair)
-            others = self._live.get(c, rec) is not rec or self._drains.get(c, rec) is not rec
+            others = self._eng._live.get(c, rec) is not rec or self._eng._drains.get(c, rec) is not rec
             if c in self._reset_on_close and not others:
                 self._reset_on_close.discard(c)
                 if _sock.progress(s)[2] == 0:
@@ -936,7 +925,7 @@ class SockmapSplicer(Splicer):
                     # moved bytes still reach the other peer).
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.close()
-        self._report(rec)
+        self._eng.ended(rec)
 
     def _leave_maps(self, rec: SockmapRecord) -> None:
         """At the end: the drain leaves `drains`, and the source `sources`
@@ -951,7 +940,7 @@ class SockmapSplicer(Splicer):
         if not rec.borrowed:
             if rec.drain_in_map:
                 self._prog.delete(self._prog.drains_fd, rec.dst_cookie)
-            if rec.eof and rec.fifo == 0 and rec.src_cookie not in self._drains:
+            if rec.eof and rec.fifo == 0 and rec.src_cookie not in self._eng._drains:
                 # After FIN nothing more can arrive and nothing is queued:
                 # the one moment a source leaves its map losslessly. Not
                 # while it is the drain of the other direction: taking it
@@ -966,23 +955,7 @@ class SockmapSplicer(Splicer):
             # unmoved bytes in its TCP queue.
             _CLAIMED.pop(rec.src_cookie, None)
 
-    def _expire_more(self, cutoff: int) -> None:
-        # Forget the last count of sockets that are gone: a source leaves
-        # `sources` only when closed (or after EOF, when it was deleted).
-        alive = self._prune_sources()
-        for c in [c for c, r in self._last.items() if c not in alive and r.done_ns < cutoff]:
-            del self._last[c]
-            self._unreported.pop(c, None)
+    # -- what the engine asks of a backend ----------------------------------
 
-    # -- what the base class asks of a backend ------------------------------
-
-    def _unsplice(self, rec: SockmapRecord) -> int:
-        with self._lock:
-            if rec.state is State.ACTIVE:
-                self._dissolve(rec, 0)
-                self._at(rec, 0)
-                self._reactor.kick()
-        self._wait(rec.handle, None)
-        return rec.bytes
-
-    _refresh = _read_stats
+    refresh = _read_stats
+    alive_sources = _prune_sources

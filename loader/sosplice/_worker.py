@@ -51,12 +51,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import _sock
-from ._engine import CLOSE_SWEEP, DEFAULT_BACKLOG_CAP, Life, Splicer, _err, _next_sweep
+from ._backend import CLOSE_SWEEP, _err, _next_sweep
 from ._reactor import DRAIN, SOURCE, Reactor
-from ._splice import SpliceRecord, State
+from ._splice import Splice, SpliceRecord, State
+
+if TYPE_CHECKING:
+    from ._engine import Splicer
 
 SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -110,48 +113,31 @@ class PipeRecord(SpliceRecord):
         return max(self.last_ns, self.started_ns)
 
 
-class WorkerSplicer(Splicer):
-    """The worker backend: see `Splicer` for the arguments.
+class WorkerBackend:
+    """The worker backend (`_backend.Backend`) of a `Splicer`.
 
-    `max_sockets` is accepted and ignored: there are no maps to size.
+    `max_sockets` and `thread` do not apply: there are no maps to size,
+    and the workers always run their threads.
     """
 
-    backend = "worker"
+    name = "worker"
 
-    def __init__(self, *, backend: str | None = None, backlog_cap: int = DEFAULT_BACKLOG_CAP,
-                 max_sockets: int = 65536, thread: bool = True) -> None:
-        super().__init__(backlog_cap=backlog_cap)
-        self._pipe_max = min(backlog_cap, PIPE_MAX)
+    def __init__(self, eng: Splicer) -> None:
+        self._eng = eng
+        self._pipe_max = min(eng.backlog_cap, PIPE_MAX)
         # cookie -> [splices using the socket, was it blocking before]
         self._nonblock: dict[int, list] = {}
         n = len(os.sched_getaffinity(0)) or 1
         self._workers = [_Worker(self, i) for i in range(n)]
 
     def close(self) -> None:
-        """Unsplice everything (losslessly) and stop the workers. Idempotent."""
-        with self._lock:
-            if self._life is not Life.OPEN:
-                return
-            self._life = Life.CLOSING
-            live = list(self._live.values())
-        for rec in live:
-            rec.worker.post(lambda rec=rec: rec.worker.dissolve(rec, 0))
-        deadline = time.monotonic() + 10
-        for rec in live:
-            rec.handle._done.wait(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            self._life = Life.CLOSED
-            live = list(self._live.values())
-        for rec in live:  # a drain that never took its bytes
-            rec.worker.post(lambda rec=rec: rec.worker.finish(rec))
+        """Stop the workers (after what was posted before: `abandon`)."""
         for w in self._workers:
             w.stop()
-        self._remove_snapshot()
-        os.close(self._ready)
 
-    # -- what the base class asks of a backend ------------------------------
+    # -- what the engine asks of a backend ----------------------------------
 
-    def _start(self, init: dict[str, Any]) -> PipeRecord:
+    def start(self, init: dict[str, Any]) -> PipeRecord:
         src, dst = init["src"], init["dst"]
         cookies = init["src_cookie"], init["dst_cookie"]
         if _sock.tcp_state(dst) not in _sock.CAN_SEND:
@@ -189,13 +175,33 @@ class WorkerSplicer(Splicer):
             raise
         return rec
 
-    def _started(self, rec: PipeRecord) -> None:
+    def started(self, rec: PipeRecord) -> None:
         rec.worker.post(lambda: rec.worker.adopt(rec))
 
-    def _unsplice(self, rec: PipeRecord) -> int:
+    def dissolve(self, rec: PipeRecord) -> None:
+        # The record's worker makes the transition (it owns the record).
         rec.worker.post(lambda: rec.worker.dissolve(rec, 0))
-        rec.handle._done.wait()
-        return rec.bytes
+
+    def abandon(self, rec: PipeRecord) -> None:
+        rec.worker.post(lambda: rec.worker.finish(rec))
+
+    def wait(self, handle: Splice, timeout: float | None) -> bool:
+        return handle._done.wait(timeout)
+
+    def refresh(self, rec: PipeRecord) -> None:
+        pass   # the record's counts are the counts
+
+    def alive_sources(self) -> set[int] | None:
+        return None
+
+    def fileno(self) -> int | None:
+        return None
+
+    def timeout(self) -> float | None:
+        return None
+
+    def drive(self) -> None:
+        pass
 
     # -- O_NONBLOCK while spliced (invariant 5) -----------------------------
 
@@ -220,8 +226,9 @@ class WorkerSplicer(Splicer):
 class _Worker:
     """One thread, one epoll, the splices it owns, and an inbox."""
 
-    def __init__(self, engine: WorkerSplicer, n: int) -> None:
-        self.engine = engine
+    def __init__(self, backend: WorkerBackend, n: int) -> None:
+        self.backend = backend
+        self.eng = backend._eng
         self.n = n
         self.reactor = Reactor()
         self.inbox: collections.deque[Callable[[], None]] = collections.deque()
@@ -285,7 +292,7 @@ class _Worker:
         except Exception:
             log.exception("sosplice worker %d: unexpected error", self.n)
             if rec is not None and rec in self.recs:
-                self.engine._stop_taking(rec, errno.EIO)
+                self.eng._stop_taking(rec, errno.EIO)
                 try:
                     self.finish(rec)
                 except Exception:
@@ -293,16 +300,16 @@ class _Worker:
 
     def sweep(self) -> None:
         """End splices whose fds the application closed; publish a snapshot."""
-        with self.engine._lock:
-            mine = [r for r in self.engine._swept.values() if r.worker is self]
+        with self.eng._lock:
+            mine = [r for r in self.eng._swept.values() if r.worker is self]
         for rec in mine:
-            if rec.state is State.ACTIVE and (why := self.engine._closed_by_app(rec)) is not None:
+            if rec.state is State.ACTIVE and (why := self.eng._closed_by_app(rec)) is not None:
                 self.dissolve(rec, why)
         if self.n == 0:
-            with self.engine._lock:
-                self.engine._expire_recent()
-                snapshot = self.engine._snapshot()
-            self.engine._write_snapshot(snapshot)
+            with self.eng._lock:
+                self.eng._expire_recent()
+                snapshot = self.eng._snapshot()
+            self.eng._write_snapshot(snapshot)
 
     # -- transitions (on this worker's thread only) -------------------------
 
@@ -442,7 +449,7 @@ class _Worker:
         """Take nothing more from the source; the flush follows in step."""
         if rec not in self.recs:
             return  # posted before adopt ran, or after finish: nothing to do
-        if self.engine._stop_taking(rec, error):
+        if self.eng._stop_taking(rec, error):
             self.step(rec)
 
     def mark_error(self, cookie: int, err: int | None, sock: socket.socket) -> None:
@@ -457,7 +464,7 @@ class _Worker:
         one by one and returns the bytes of those sent before one failed,
         so the error that failure consumed is never seen, and the next
         call gets EPIPE."""
-        other = self.engine._live.get(cookie)
+        other = self.eng._live.get(cookie)
         if err == errno.EPIPE and _sock.tcp_state(sock) == _sock.TCP_CLOSE:
             err = errno.ECONNRESET
         if err and err != errno.EPIPE and other is not None and other.worker is self:
@@ -472,13 +479,13 @@ class _Worker:
         after the application shut this socket down for writing, which it
         does once the splice into it has ended; so a gone connection with
         that splice still running was reset."""
-        other = self.engine._drains.get(rec.src_cookie)
+        other = self.eng._drains.get(rec.src_cookie)
         return (other is not None and other.state is State.ACTIVE
                 and _sock.tcp_state(rec.src) == _sock.TCP_CLOSE)
 
     def drain_died(self, rec: PipeRecord) -> None:
         """The drain cannot send: what the pipe holds dies with it (counted)."""
-        self.engine._stop_taking(rec, errno.EPIPE)
+        self.eng._stop_taking(rec, errno.EPIPE)
         rec.sent = rec.taken
         self.finish(rec)
 
@@ -490,7 +497,7 @@ class _Worker:
         """Flushed (or the drain is dead): release everything, report once."""
         if rec not in self.recs:
             return
-        self.engine._stop_taking(rec, 0)   # if ACTIVE: Splicer.close() gave up on the drain
+        self.eng._stop_taking(rec, 0)   # if ACTIVE: Splicer.close() gave up on the drain
         self.recs.discard(rec)
         self.again = [r for r in self.again if r is not rec]
         self.reactor.unwatch(rec.src.fileno(), SOURCE, rec)
@@ -498,13 +505,13 @@ class _Worker:
         os.close(rec.pipe_r)
         os.close(rec.pipe_w)
         _restore_oob(rec)
-        eng = self.engine
+        eng = self.eng
         with eng._lock:
             for s, c in ((rec.src, rec.src_cookie), (rec.dst, rec.dst_cookie)):
-                eng._release_nonblock(s, c)
+                self.backend._release_nonblock(s, c)
                 if not rec.borrowed:
                     s.close()
-            eng._report(rec)
+            eng.ended(rec)
 
     # -- small things -------------------------------------------------------
 
@@ -522,7 +529,7 @@ class _Worker:
         first full pipe, where bigger steps pay off.
         """
         try:
-            fcntl.fcntl(rec.pipe_w, F_SETPIPE_SZ, self.engine._pipe_max)
+            fcntl.fcntl(rec.pipe_w, F_SETPIPE_SZ, self.backend._pipe_max)
         except OSError:
             pass  # EPERM past pipe-max-size or the per-user pipe budget: keep it
         rec.pipe_size = fcntl.fcntl(rec.pipe_w, F_GETPIPE_SZ)
