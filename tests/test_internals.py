@@ -1,6 +1,7 @@
 """Checks on how the engine is built: record tags, C/ctypes layouts, refusals."""
 from __future__ import annotations
 
+import ast
 import ctypes as ct
 import dataclasses
 import errno
@@ -16,6 +17,7 @@ import time
 
 import pytest
 
+import sosplice
 from conftest import wait_until
 from sosplice import _bpf, _maps, _sock, _splice
 
@@ -177,6 +179,29 @@ def test_old_kernels_are_refused(release, ok):
             _bpf.check_kernel(release)
         assert info.value.errno == errno.ENOSYS
         assert "6.16" in str(info.value)
+
+
+@pytest.mark.parametrize("module", ["_backend", "_worker", "_sockmap"])
+def test_backends_do_not_import_the_engine(module):
+    """No import circle: _engine imports the backends, they import only
+    _backend (the engine's type, for annotations, under TYPE_CHECKING)."""
+    path = os.path.join(os.path.dirname(sosplice.__file__), module + ".py")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:   # module level only: `if TYPE_CHECKING:` is an If
+        if isinstance(node, ast.ImportFrom):
+            assert node.module != "_engine", f"{module} imports _engine at run time"
+        if isinstance(node, ast.Import):
+            assert all(a.name != "sosplice._engine" for a in node.names)
+
+
+def test_one_splicer_class_holds_its_backend():
+    """`Splicer` is one plain class: no __new__, no subclass per backend."""
+    assert "__new__" not in vars(sosplice.Splicer)
+    assert sosplice.Splicer.__subclasses__() == []
+    with sosplice.Splicer(backend="worker") as eng:
+        assert type(eng) is sosplice.Splicer and eng.backend == "worker"
+        assert eng._backend.name == "worker" and eng._backend._eng is eng
 
 
 def test_without_privilege_eperm_names_the_capability():

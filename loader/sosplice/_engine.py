@@ -45,7 +45,9 @@ from ._splice import Splice, SpliceRecord, State
 from ._worker import WorkerBackend
 from .snapshot import SpliceInfo
 
-__all__ = ["CLOSE_SWEEP", "DEFAULT_BACKLOG_CAP", "SWEEP_SHARE", "Life", "Splicer", "_next_sweep"]
+# CLOSE_SWEEP, SWEEP_SHARE, Life, _err and _next_sweep live in _backend,
+# which the backends import instead of this module; they stay importable
+# from here.
 MIN_BACKLOG_CAP = 64 << 10
 # The bpf backend sizes the drain's SO_SNDBUF to twice the cap, an int.
 MAX_BACKLOG_CAP = 256 << 20
