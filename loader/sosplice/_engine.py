@@ -90,11 +90,7 @@ def _check_socket(fd: int, what: str) -> socket.socket:
     """Validate one end; return a dup of it, ours to close."""
     s = _sock.dup(fd)
     try:
-        if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM \
-                or s.proto not in (0, socket.IPPROTO_TCP):
-            raise _err(errno.EPROTONOSUPPORT, f"{what} must be a TCP socket (IPv4 or IPv6)")
-        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise _err(errno.EOPNOTSUPP, f"{what} is listening; splice an accepted or connected socket")
+        _check_connected(s, what)
     except BaseException:
         s.close()
         raise
@@ -102,7 +98,7 @@ def _check_socket(fd: int, what: str) -> socket.socket:
 
 
 def _check_connected(s: socket.socket, what: str) -> None:
-    """The checks of _check_socket, on a socket the caller hands over."""
+    """A TCP socket (IPv4 or IPv6) that is not listening."""
     if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM \
             or s.proto not in (0, socket.IPPROTO_TCP):
         raise _err(errno.EPROTONOSUPPORT, f"{what} must be a TCP socket (IPv4 or IPv6)")
