@@ -5,6 +5,7 @@
     metrics = "127.0.0.1:9100"  # optional: Prometheus metrics over HTTP
     grace = 5                   # optional: seconds, on SIGTERM/SIGINT
     connect_timeout = 3         # optional: seconds, per upstream connect
+    workers = 2                 # optional: processes (default 1; --workers)
 
     [[listen]]
     bind = "0.0.0.0:8080"                            # required
@@ -29,7 +30,7 @@ from typing import Any
 
 from .proxy import CHECKS, Config, ListenConfig, UsageError, fmt_addr, parse_addr, resolve
 
-TOP_KEYS = ("backend", "backlog_cap", "metrics", "grace", "connect_timeout", "listen")
+TOP_KEYS = ("backend", "backlog_cap", "metrics", "grace", "connect_timeout", "workers", "listen")
 LISTEN_KEYS = ("bind", "upstreams", "idle", "max_conns", "send_proxy")
 
 
@@ -174,6 +175,7 @@ def from_dict(doc: dict[str, Any], lines: _Lines, name: str) -> Config:
         metrics=get(doc, "metrics", None, _address(listen=True)),
         grace=get(doc, "grace", None, _seconds("grace"), 5.0),
         connect_timeout=get(doc, "connect_timeout", None, _seconds("connect_timeout"), 3.0),
+        workers=get(doc, "workers", None, _workers, 1),
     )
 
 
@@ -213,6 +215,10 @@ def _seconds(key: str):
 
 def _count(value: Any) -> int:
     return CHECKS["max_conns"](_typed(value, (int,), "a whole number"))
+
+
+def _workers(value: Any) -> int:
+    return CHECKS["workers"](_typed(value, (int,), "a whole number"))
 
 
 def _backlog_cap(value: Any) -> int:

@@ -26,13 +26,15 @@ examples:
 PROXY_DESCRIPTION = """\
 Accept on LISTEN, connect to an UPSTREAM (round robin) and splice both
 ways in the kernel. Or, with --config FILE, do that for every [[listen]]
-table of a TOML file, in one process with one engine:
+table of a TOML file, in one process with one engine (or --workers N
+processes, each with its own):
 
   backend = "auto"              # optional, as --backend
   backlog_cap = "4M"            # optional, as --backlog-cap
   metrics = "127.0.0.1:9100"    # optional, as --metrics
   grace = 5                     # optional, as --grace
   connect_timeout = 3           # optional, as --connect-timeout
+  workers = 2                   # optional, as --workers
 
   [[listen]]
   bind = "0.0.0.0:8080"                        # required, as LISTEN
@@ -44,8 +46,8 @@ table of a TOML file, in one process with one engine:
 A bad file is refused with one line (FILE:LINE: KEY: ...) before any port
 is bound. SIGHUP reads the file again: new listeners start, removed ones
 stop accepting, live connections go on untouched; a bad file keeps the
-running configuration (logged as an error). backend, backlog_cap and
-metrics change on restart only.
+running configuration (logged as an error). backend, backlog_cap,
+metrics and workers change on restart only.
 
 send_proxy writes HAProxy's PROXY protocol header (v1 text, v2 binary)
 with the client's address to the upstream before the first byte.
@@ -230,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                     default=None, metavar="S",
                     help="on SIGINT/SIGTERM stop accepting and let connections finish for S "
                          "seconds, then reset those still open (default 5; 0: at once)")
+    px.add_argument("--workers", type=_setting("workers", _int), default=None, metavar="N",
+                    help="run N processes, each with its own loop and engine, sharing the "
+                         "listening addresses (SO_REUSEPORT), as HAProxy runs a thread per "
+                         "CPU; --max-conns is shared among them (default 1)")
     px.add_argument("--no-check", action="store_true",
                     help="do not check that every upstream is reachable at start")
     px.add_argument("--backend", choices=_proxy.BACKENDS, default=None,

@@ -91,6 +91,8 @@ FDS_SPARE = 64   # listeners, the engine's own, stdio, metrics clients
 FDS_RESERVE = 16
 # Backlog cap range of sosplice.Splicer (checked here to name the option).
 BACKLOG_CAP_MIN, BACKLOG_CAP_MAX = 1 << 16, 1 << 28
+# --workers: processes (each its own loop and engine; splicectl.workers).
+MAX_WORKERS = 256
 
 
 class UsageError(Exception):
@@ -130,6 +132,12 @@ def check_count(value: int) -> int:
     return value
 
 
+def check_workers(value: int) -> int:
+    if not 1 <= value <= MAX_WORKERS:
+        raise UsageError(f"must be from 1 to {MAX_WORKERS}, not {value}")
+    return value
+
+
 def check_backlog_cap(value: int) -> int:
     if not BACKLOG_CAP_MIN <= value <= BACKLOG_CAP_MAX:
         raise UsageError(f"must be from 64K to 256M bytes, not {value}")
@@ -152,12 +160,13 @@ CHECKS: dict[str, Callable] = {
     "max_conns": check_count,
     "backlog_cap": check_backlog_cap,
     "backend": check_choice(BACKENDS),
+    "workers": check_workers,
     "send_proxy": check_choice(proxyproto.VERSIONS),
 }
 # How an error names a setting: its command-line option if it has one.
 OPTION_NAMES = {"connect_timeout": "--connect-timeout", "grace": "--grace", "idle": "--idle",
                 "max_conns": "--max-conns", "backlog_cap": "--backlog-cap",
-                "backend": "--backend", "send_proxy": "send_proxy"}
+                "backend": "--backend", "workers": "--workers", "send_proxy": "send_proxy"}
 
 
 def check_config(cfg: Config) -> Config:
@@ -165,13 +174,17 @@ def check_config(cfg: Config) -> Config:
     that names the option. main and config.load check the same while
     parsing; this is for callers that build Config or Options themselves,
     so that no bad value reaches a connection."""
-    values = [(k, getattr(cfg, k)) for k in ("connect_timeout", "grace", "backlog_cap", "backend")]
+    values = [(k, getattr(cfg, k)) for k in ("connect_timeout", "grace", "backlog_cap", "backend",
+                                              "workers")]
     if not cfg.listeners:
         raise UsageError("at least one listener is needed")
     for lc in cfg.listeners:
         if not lc.upstreams:
             raise UsageError("at least one UPSTREAM is needed")
         values += [(k, getattr(lc, k)) for k in ("idle", "max_conns", "send_proxy")]
+        if lc.max_conns and lc.max_conns < cfg.workers:
+            raise UsageError(f"--max-conns {lc.max_conns} is shared by {cfg.workers} workers: "
+                             f"give at least {cfg.workers} (or 0: no limit)")
     for key, value in values:
         if value is not None:
             try:
@@ -221,14 +234,37 @@ def resolve(host: str, port: int, what: str = "address") -> tuple[int, tuple]:
     return fam, sa
 
 
-def _bound(addr: tuple[str, int], what: str, arg: str) -> socket.socket:
+def check_reachable(cfg: Config) -> None:
+    """UsageError naming the first upstream of `cfg` that a connect
+    cannot reach (within connect_timeout)."""
+    for h, p in dict.fromkeys(u for lc in cfg.listeners for u in lc.upstreams):
+        fam, sa = resolve(h, p, "UPSTREAM")
+        try:
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.settimeout(cfg.connect_timeout)
+            try:
+                s.connect(sa)
+            finally:
+                s.close()
+        except OSError as e:
+            why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+            raise UsageError(f"upstream {fmt_addr((h, p))} is unreachable: {why}") from None
+
+
+def _bound(addr: tuple[str, int], what: str, arg: str, *, reuseport: bool = False) -> socket.socket:
     """A non-blocking socket bound to `addr`, or one UsageError line. The
     caller listens once it can serve: until then a client is refused, as
-    before the proxy started, rather than left waiting in the backlog."""
+    before the proxy started, rather than left waiting in the backlog.
+
+    `reuseport`: for --workers, each of which binds the same address; the
+    kernel spreads the connections over their listening sockets.
+    """
     fam, sa = resolve(*addr, arg)
     ls = socket.socket(fam, socket.SOCK_STREAM)
     try:
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         ls.bind(sa)
     except OSError as e:
         ls.close()
@@ -462,6 +498,7 @@ class Config:
     grace: float = 5.0
     check_upstreams: bool = True
     backend: str | None = None     # None: $SOSPLICE_BACKEND, else "auto"
+    workers: int = 1               # processes (splicectl.workers); each max_conns is shared
 
 
 @dataclass
@@ -477,6 +514,7 @@ class Options:
     grace: float = 5.0
     check_upstreams: bool = True
     backend: str | None = None     # None: $SOSPLICE_BACKEND, else "auto"
+    workers: int = 1
 
     def config(self) -> Config:
         """As a Config, checked (check_config)."""
@@ -484,7 +522,7 @@ class Options:
             listeners=(ListenConfig(self.listen, tuple(self.upstreams), self.idle, self.max_conns),),
             connect_timeout=self.connect_timeout, backlog_cap=self.backlog_cap,
             metrics=self.metrics, grace=self.grace, check_upstreams=self.check_upstreams,
-            backend=self.backend))
+            backend=self.backend, workers=self.workers))
 
 
 class Listener:
@@ -526,7 +564,8 @@ class Proxy:
 
     def __init__(self, opts: Options | Config, *, engine_factory: Callable | None = None,
                  on_ready: Callable[[tuple], None] | None = None,
-                 reloader: Callable[[], Config] | None = None) -> None:
+                 reloader: Callable[[], Config] | None = None,
+                 master: socket.socket | None = None) -> None:
         self.opts = opts
         self.cfg: Config | None = None   # set by start(), replaced by reloads
         self.engine_factory = engine_factory
@@ -547,7 +586,9 @@ class Proxy:
         self.scrapes: set[socket.socket] = set()   # metrics clients being served
         from .metrics import Metrics   # prometheus_client: not for ls/top
         self.m = Metrics(self._live_counts)
-        self.next_id = 1
+        # Connection ids (log lines): 1, 2, 3, ...; worker i of n numbers
+        # i+1, i+1+n, ... so that ids stay unique across workers.
+        self.next_id, self.id_step = 1, 1
         self.accept_again = 0.0    # accept paused by EMFILE and the like until then
         # Connections the fd limit leaves room for (None: no limit), and
         # whether accepting is paused because they are all open.
@@ -559,6 +600,10 @@ class Proxy:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.address: tuple | None = None
+        # A worker of splicectl.workers: its master's end of a socketpair
+        # (stop, reload, a metrics scrape), and listeners it shares with
+        # the other workers (SO_REUSEPORT).
+        self.master = master
 
     # -- setup ---------------------------------------------------------------
 
@@ -567,18 +612,7 @@ class Proxy:
         listener's address. Raises UsageError (nothing is left bound)."""
         cfg = self.opts.config() if isinstance(self.opts, Options) else check_config(self.opts)
         if cfg.check_upstreams:
-            for h, p in dict.fromkeys(u for lc in cfg.listeners for u in lc.upstreams):
-                fam, sa = resolve(h, p, "UPSTREAM")
-                try:
-                    s = socket.socket(fam, socket.SOCK_STREAM)
-                    s.settimeout(cfg.connect_timeout)
-                    try:
-                        s.connect(sa)
-                    finally:
-                        s.close()
-                except OSError as e:
-                    why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-                    raise UsageError(f"upstream {fmt_addr((h, p))} is unreachable: {why}") from None
+            check_reachable(cfg)
         listeners = self._bind_all(cfg.listeners)
         try:
             if cfg.metrics:
@@ -620,6 +654,8 @@ class Proxy:
         self.sel.register(self.engine.fileno(), selectors.EVENT_READ, self._engine_ready)
         if self.metrics_sock:
             self.sel.register(self.metrics_sock, selectors.EVENT_READ, self._metrics_accept)
+        if self.master is not None:
+            self.sel.register(self.master, selectors.EVENT_READ, self._on_master)
         for lst in listeners:
             self.listeners[lst.conf.bind] = lst
             self._set_accepting(lst, True)
@@ -638,7 +674,12 @@ class Proxy:
             for lc in confs:
                 addrs = [resolve(h, p, "UPSTREAM") for h, p in lc.upstreams]
                 old = (have or {}).get(lc.bind)
-                sock = old.sock if old is not None else _bound(lc.bind, "listen", "LISTEN")
+                if old is None and self.master is not None and lc.bind[1] == 0:
+                    raise UsageError(f"listener {fmt_addr(lc.bind)}: with --workers a listener "
+                                     "added by a reload needs its port: each worker would get "
+                                     "another one for port 0")
+                sock = old.sock if old is not None else \
+                    _bound(lc.bind, "listen", "LISTEN", reuseport=self.master is not None)
                 lst = Listener(lc, sock, addrs)
                 made.append(lst)
                 for (h, p), (fam, sa) in zip(lc.upstreams, addrs):
@@ -813,6 +854,29 @@ class Proxy:
             else:
                 self.stop_state = Stop.STOPPING
 
+    def _on_master(self) -> None:
+        """A worker's orders from splicectl.workers: one byte each, "s"
+        stop (as stop()), "h" reload, "m" send the metrics (a 4-byte
+        length, then the text). EOF: the master is gone; stop as for "s"."""
+        try:
+            got = self.master.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            got = b""
+        if not got:
+            self.sel.unregister(self.master)
+            if self.stop_state is Stop.RUNNING:
+                self._wake(b"s")
+            return
+        if b"m" in got:
+            body = self.m.render()
+            try:
+                self.master.sendall(struct.pack("!I", len(body)) + body)
+            except OSError:
+                pass
+        self._wake(got.replace(b"m", b""))
+
     def _grace_over(self, _c: None, _now: float) -> None:
         self.stop_state = Stop.STOPPING
 
@@ -844,7 +908,7 @@ class Proxy:
         """
         check_config(cfg)
         old = self.cfg
-        for key in ("backend", "backlog_cap", "metrics"):
+        for key in ("backend", "backlog_cap", "metrics", "workers"):
             if getattr(cfg, key) != getattr(old, key):
                 log.warning("reload: %s changed from %r to %r; it takes effect on restart only",
                             key, getattr(old, key), getattr(cfg, key))
@@ -861,7 +925,8 @@ class Proxy:
                 if lst.conf.bind not in self.listeners:
                     lst.sock.close()
             raise
-        self.cfg = replace(cfg, backend=old.backend, backlog_cap=old.backlog_cap, metrics=old.metrics)
+        self.cfg = replace(cfg, backend=old.backend, backlog_cap=old.backlog_cap, metrics=old.metrics,
+                           workers=old.workers)
         try:
             self._check_fd_limit(self.cfg)
         except UsageError as e:
@@ -938,7 +1003,7 @@ class Proxy:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c = Conn(self.next_id, s, peer, lst, lst.name,
                      up_index=lst.rr % len(lst.upstream_addrs), accepted=time.monotonic())
-            self.next_id += 1
+            self.next_id += self.id_step
             lst.rr += 1
             self.conns[c.id] = c
             self.live[c.listener] = self.live.get(c.listener, 0) + 1
@@ -1318,7 +1383,7 @@ class Proxy:
 # The command line's options that a config file sets instead.
 FILE_SETS = {"idle": "--idle", "max_conns": "--max-conns", "backlog_cap": "--backlog-cap",
              "metrics": "--metrics", "grace": "--grace", "connect_timeout": "--connect-timeout",
-             "backend": "--backend"}
+             "backend": "--backend", "workers": "--workers"}
 
 
 def cli_config(args) -> tuple[Config, str | None]:
@@ -1363,6 +1428,9 @@ def run_cli(args) -> int:
     if path is not None:
         from . import config
         reloader = lambda: replace(config.load(path), check_upstreams=False)  # noqa: E731
+    if cfg.workers > 1:
+        from . import workers
+        return workers.serve(cfg, reloader)
     proxy = Proxy(cfg, reloader=reloader)
     # Before start(), which can take seconds (bpf compiles): a SIGHUP then
     # (systemctl reload) is queued for the loop instead of killing us.

@@ -38,7 +38,7 @@ LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 BACKENDS = ("bpf", "worker")
 # Modules about one backend's machinery or about the tool: run once, on
 # the backend $SOSPLICE_BACKEND (or "auto") picks.
-SINGLE_BACKEND_MODULES = {"test_internals", "test_splicectl", "test_wheel"}
+SINGLE_BACKEND_MODULES = {"test_internals", "test_splicectl", "test_wheel", "test_workers"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
