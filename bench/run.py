@@ -8,8 +8,9 @@ measured on the same machine in the same conditions. The peers, each on its
 own port in front of the same upstream:
 
     direct            no proxy (the baseline)
-    sosplice          splicectl proxy --backend bpf (eBPF sockmap)
-    sosplice-worker   splicectl proxy --backend worker (splice(2) threads)
+    sosplice          splicectl proxy --backend bpf (eBPF sockmap) --workers W
+    sosplice-worker   splicectl proxy --backend worker (splice(2) threads) --workers W
+    sosplice-1        splicectl proxy --backend bpf, one process (not run by default)
     haproxy-splice    HAProxy, mode tcp, option splice-auto
     haproxy           HAProxy, mode tcp, no splicing
     socat             socat TCP-LISTEN:p,fork,reuseaddr TCP:127.0.0.1:up
@@ -32,6 +33,10 @@ Memory: 2,000 (full: 10,000) idle connections held open through each peer,
 one 100 B echo each; proxy tree RSS/PSS and /proc/meminfo deltas, and the
 proxy's CPU while they sit idle. socat forks a process per connection, so it
 is capped (500; full: 1,000) and compared per connection.
+
+W (--workers) is the number of CPUs this process may run on: HAProxy 2.6
+starts that many threads by default, so the sosplice proxy runs that many
+processes, and sosplice-1 shows what one of them does alone.
 
 Writes bench/results/latest.json and prints ratio tables. Must run as root
 (the sosplice proxy loads a BPF program). Every process started is killed
@@ -60,6 +65,9 @@ ROOT = os.path.dirname(HERE)
 PY = sys.executable
 
 PEERS = ["direct", "sosplice", "sosplice-worker", "haproxy-splice", "haproxy", "socat", "asyncio"]
+OPTIONAL_PEERS = ["sosplice-1"]
+# --workers of the sosplice peers: HAProxy's default thread count.
+WORKERS = len(os.sched_getaffinity(0))
 BASE, REF = "direct", "haproxy-splice"
 SECTIONS = ["throughput", "latency", "setup", "splicerate", "memory"]
 
@@ -111,21 +119,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def listening(port: int) -> bool:
+def listening(port: int) -> int:
+    """How many sockets listen on the port (SO_REUSEPORT: one per worker)."""
     hexport = f":{port:04X}"
+    n = 0
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(path) as f:
             for line in f.readlines()[1:]:
                 parts = line.split()
                 if parts[1].endswith(hexport) and parts[3] == "0A":
-                    return True
-    return False
+                    n += 1
+    return n
 
 
-def wait_listening(port: int, p: subprocess.Popen | None, what: str, timeout: float = 15.0) -> None:
+def wait_listening(port: int, p: subprocess.Popen | None, what: str, timeout: float = 15.0,
+                   count: int = 1) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if listening(port):
+        if listening(port) >= count:
             return
         if p is not None and p.poll() is not None:
             raise RuntimeError(f"{what} exited with {p.returncode} before listening on {port}")
@@ -143,12 +154,14 @@ def start_peer(kind: str, upstream: int) -> tuple[int, subprocess.Popen | None]:
     port = free_port()
     log = open(os.path.join(TMP, f"{kind}-{port}.log"), "w")
     env = None
-    if kind in ("sosplice", "sosplice-worker"):
+    listeners = 1
+    if kind in ("sosplice", "sosplice-worker", "sosplice-1"):
         # The product, as an operator runs it, less the per-connection log
         # line (HAProxy's configuration here logs nothing either).
+        listeners = 1 if kind == "sosplice-1" else WORKERS
         argv = [PY, "-m", "splicectl", "proxy", f"127.0.0.1:{port}", f"127.0.0.1:{upstream}",
                 "--backend", "worker" if kind == "sosplice-worker" else "bpf",
-                "--log-level", "warning"]
+                "--workers", str(listeners), "--log-level", "warning"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "loader")]))
     elif kind == "asyncio":
         argv = [PY, os.path.join(HERE, "asyncio_relay.py"), str(port), str(upstream)]
@@ -166,7 +179,8 @@ def start_peer(kind: str, upstream: int) -> tuple[int, subprocess.Popen | None]:
         raise ValueError(kind)
     p = spawn(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
-    wait_listening(port, p, kind)
+    # Every worker compiles its BPF programs at start (seconds each).
+    wait_listening(port, p, kind, timeout=15.0 + 10 * listeners, count=listeners)
     return port, p
 
 
@@ -698,7 +712,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="also -P 64, -R, 10x more round trips, longer setup test, 10,000 idle connections")
     ap.add_argument("--seconds", type=int, default=5, help="iperf3 -t (default 5)")
-    ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
+    ap.add_argument("--peers", default=",".join(PEERS),
+                    help="comma-separated subset of " + ",".join(PEERS + OPTIONAL_PEERS))
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help="comma-separated subset of " + ",".join(SECTIONS))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
@@ -708,7 +723,7 @@ def main() -> int:
         return 2
     peers = [p for p in args.peers.split(",") if p]
     for p in peers:
-        if p not in PEERS:
+        if p not in PEERS + OPTIONAL_PEERS:
             ap.error(f"unknown peer {p!r}")
     for tool in ("iperf3", "haproxy", "socat"):
         if shutil.which(tool) is None:
@@ -764,7 +779,8 @@ def main() -> int:
                    "memory_conns": n_mem, "memory_socat_cap": socat_cap,
                    "memory_idle_s": mem_idle_s, "memory_msg_bytes": 100,
                    "memory_open_cap_s": mem_open_cap, "fd_hard_limit": fd_hard_limit(),
-                   "haproxy_maxconn": haproxy_maxconn(), "haproxy_maxpipes": HAPROXY_MAXPIPES},
+                   "haproxy_maxconn": haproxy_maxconn(), "haproxy_maxpipes": HAPROXY_MAXPIPES,
+                   "sosplice_workers": WORKERS},
         "errors": [],
     }
     t_start = time.monotonic()

@@ -56,6 +56,9 @@ def test_good_file_loads_every_key():
 
     cfg = config.from_dict(tomllib.loads(GOOD), config._Lines(GOOD), "x")
     assert cfg.backend == "worker" and cfg.grace == 2 and cfg.connect_timeout == 3.0
+    assert cfg.workers == 1
+    two = GOOD.replace("grace = 2", "grace = 2\nworkers = 2")
+    assert config.from_dict(tomllib.loads(two), config._Lines(two), "x").workers == 2
     a, b = cfg.listeners
     assert (a.bind, a.upstreams, a.idle, a.max_conns, a.send_proxy) == \
         (("127.0.0.1", 0), (("127.0.0.1", 9),), None, 0, None)
@@ -71,6 +74,8 @@ def test_good_file_loads_every_key():
     (('backend = "worker"', 'backend = "ebpf"'), 1, "backend"),
     (('grace = 2', 'grace = 2\nbacklog_cap = "1K"'), 3, "backlog_cap"),
     (('grace = 2', 'grace = 2\nmetrics = "nonsense"'), 3, "metrics"),
+    (('grace = 2', 'grace = 2\nworkers = 0'), 3, "workers"),
+    (('grace = 2', 'grace = 2\nworkers = 1.5'), 3, "workers"),
     (('upstreams = ["127.0.0.1:9"]', 'upstreams = ["127.0.0.1:x"]'), 6, "listen[0].upstreams"),
     (('upstreams = ["127.0.0.1:9"]', 'upstreams = []'), 6, "listen[0].upstreams"),
     (('upstreams = ["127.0.0.1:9"]', 'upstreams = "127.0.0.1:9"'), 6, "listen[0].upstreams"),
