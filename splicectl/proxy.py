@@ -6,7 +6,8 @@ one). The loop accepts, connects to one of the listener's upstreams (round
 robin, non-blocking, with a timeout, trying the next upstream on failure),
 writes a PROXY protocol header if the listener asks for one, splices both
 ways and then only learns of the end of each direction through
-`Splicer.fileno()`.
+`Splicer.fileno()`. (`--workers N` runs N of these, in processes of
+their own: splicectl.workers.)
 
 `reload()` (SIGHUP) applies a new `Config`: listeners that are new start,
 those that are gone stop accepting; a connection keeps the listener
