@@ -102,7 +102,16 @@ class Metrics:
         self.connect_time = Histogram("sosplice_upstream_connect_seconds", "From connect() to "
                                       "established, every upstream connect that succeeded.",
                                       buckets=CONNECT_BUCKETS, registry=r)
+        self._ends: dict[str, Counter] = {}
         r.register(_LiveCollector(self, live))
+
+    def splice_ended(self, reason: str) -> None:
+        """Count one splice end; the labelled child is looked up once per
+        reason (labels() costs a lock and a dict build per call)."""
+        child = self._ends.get(reason)
+        if child is None:
+            child = self._ends[reason] = self.splice_ends.labels(reason)
+        child.inc()
 
     def set_backend(self, backend: str) -> None:
         self.info.info({"backend": backend, "version": version()})

@@ -64,7 +64,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
-from sosplice import reason_name
+from sosplice import _sock, reason_name
 
 from . import proxyproto
 
@@ -351,13 +351,10 @@ def _reset_not_fin(source: socket.socket) -> bool:
     reset (or a connection that timed out): an error, not an end.
     """
     try:
-        state = source.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        return _sock.tcp_state(source) == _sock.TCP_CLOSE
     except OSError:
         return False
-    return state == _TCP_CLOSE
 
-
-_TCP_CLOSE = 7  # include/net/tcp_states.h; tcpi_state is TCP_INFO's first byte
 
 # How a connection ended (the log line's end=, and which counter counts
 # it): both FINs passed on; a peer reset it; else a reason of the proxy's
@@ -373,7 +370,7 @@ def _was_reset(s: socket.socket | None) -> bool:
     if s is None:
         return False
     try:
-        return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+        return _sock.tcp_state(s) == _sock.TCP_CLOSE
     except OSError:
         return False
 
@@ -541,6 +538,7 @@ class Listener:
         self.upstream_addrs = upstream_addrs
         self.name = fmt_addr(sock.getsockname())
         self.rr = 0                # round robin over upstream_addrs
+        self.counted = None        # its sosplice_connections_total child (Proxy._bind_all)
         self.accepting = False     # registered with the selector
 
 
@@ -682,6 +680,7 @@ class Proxy:
                 sock = old.sock if old is not None else \
                     _bound(lc.bind, "listen", "LISTEN", reuseport=self.master is not None)
                 lst = Listener(lc, sock, addrs)
+                lst.counted = self.m.connections.labels(lst.name)
                 made.append(lst)
                 for (h, p), (fam, sa) in zip(lc.upstreams, addrs):
                     if _loops_back(sock, fam, sa):
@@ -1008,7 +1007,7 @@ class Proxy:
             lst.rr += 1
             self.conns[c.id] = c
             self.live[c.listener] = self.live.get(c.listener, 0) + 1
-            self.m.connections.labels(c.listener).inc()
+            lst.counted.inc()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("conn %d from %s on %s", c.id, fmt_addr(peer), c.listener)
             self._try_connect(c)
@@ -1181,7 +1180,7 @@ class Proxy:
             m.bytes_done[d] += sp.bytes
             m.kernel_done[d] += sp.kernel_bytes
             reason = reason_name(err)
-            m.splice_ends.labels(reason).inc()
+            m.splice_ended(reason)
             c.pending -= 1
             if c.state is not SPLICED:   # CLOSING: the proxy has reset it
                 if not c.pending:
