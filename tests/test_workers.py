@@ -57,6 +57,7 @@ def started():
 
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the bpf backend needs root (CAP_BPF)")
 def test_workers_share_the_load_every_byte_checked(upstream, started):
     """Two bpf workers: 80 clients, mixed sizes, half-closed, sha256 or
     echo checked; both workers serve some; the master's metrics add up
