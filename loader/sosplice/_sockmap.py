@@ -659,11 +659,19 @@ class SockmapBackend:
         # The slow path: copy passed bytes, in order, once the drain has
         # taken everything redirected before them (invariant 2).
         budget = COPY_BUDGET
+        stale = False   # the drain's reading above still holds: nothing sent since
         while budget > 0 and rec.state is State.ACTIVE:
-            if rec.pending and not self._send_pending(rec):
-                break
-            _, acked, queued = _sock.progress(rec.dst)
-            written = acked + queued - rec.drain_base
+            if rec.pending:
+                if not self._send_pending(rec):
+                    break
+                stale = True
+            if stale:
+                # An older reading would only be more cautious (a smaller
+                # `written` waits, a smaller `acked` gives less credit),
+                # but what the controller just sent must count.
+                _, acked, queued = _sock.progress(rec.dst)
+                written = acked + queued - rec.drain_base
+            stale = True
             # Read `passed` afresh and publish at once when the queue is
             # empty: a sustained stream passes a new skb every few tens of
             # microseconds, and only a publish that lands before the next
