@@ -377,3 +377,103 @@ def test_kernel_hash_value_replaced_from_user_space_is_reused_under_the_reader()
             "the kernel no longer reuses replaced hash elements at once")
     finally:
         b.cleanup()
+
+
+def test_reactor_hands_a_reused_fd_number_only_its_new_sockets_events():
+    """An event epoll collected for a socket that was then unwatched and
+    closed, its fd number given to another socket before the batch was
+    dispatched, reaches the new socket's record only as that socket's own
+    state (the bpf backend polls outside its lock: _reactor's docstring).
+    Before, the old socket's EPOLLRDHUP came through as the new one's,
+    a false EOF that ended a splice before its answer arrived
+    (test_answers_and_fins_racing_the_splice). And not dropped: a new
+    socket that is itself at EOF still gets its one edge."""
+    import select
+
+    from conftest import tcp_pair
+    from sosplice._reactor import SOURCE, Reactor
+
+    mask = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+    r = Reactor()
+    pairs = [tcp_pair() for _ in range(3)]
+    try:
+        (a0, a1), (b0, b1), (c0, c1) = pairs
+        a0.shutdown(socket.SHUT_WR)          # a1 at EOF
+        c0.shutdown(socket.SHUT_WR)          # so is c1
+        wait_until(lambda: a1.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                   and c1.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
+        for new, at_eof in ((b1, False), (c1, True)):
+            fd = os.dup(a1.fileno())
+            r.watch(fd, SOURCE, "old", mask)
+            polled = r.poll(1.0)             # collected ...
+            r.unwatch(fd, SOURCE, "old")     # ... then the splice ended elsewhere
+            os.dup2(new.fileno(), fd)        # and a new one's dup took the number
+            r.watch(fd, SOURCE, "new", mask)
+            _, events = r.dispatch(polled)
+            r.unwatch(fd, SOURCE, "new")
+            os.close(fd)
+            got = [ev for rec, role, ev in events if rec == "new"]
+            if at_eof:
+                assert got and got[0] & select.EPOLLRDHUP, events
+            else:
+                assert not [ev for ev in got if ev & select.EPOLLRDHUP], \
+                    f"the closed socket's EOF reached the new one: {events}"
+    finally:
+        for p in pairs:
+            for s in p:
+                s.close()
+        r.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF needs root")
+def test_bpf_splice_outlives_a_stale_eof_event_for_its_fd_number():
+    """The whole race of test_answers_and_fins_racing_the_splice, made
+    certain: the controller has collected a batch holding splice X's
+    source EOF (EPOLLRDHUP) when X ends in another thread and splice Y's
+    dup of its source takes X's fd number; only then is the batch
+    dispatched. Y must not take X's EOF for its own: it must stay active
+    and carry its answer whole. Before the fix it ended at once with 0
+    and 0 bytes, the answer left unread in its source."""
+    import hashlib
+    import select
+
+    from conftest import recv_until_eof, tcp_pair
+
+    eng = sosplice.Splicer(backend="bpf", thread=False)
+    pairs = [tcp_pair() for _ in range(4)]
+    try:
+        (a0, a1), (b0, b1), (c0, c1), (d0, d1) = pairs
+        backend = eng._backend
+        x = eng.splice(a1, b0)
+        a0.shutdown(socket.SHUT_WR)
+        wait_until(lambda: a1.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
+        polled = backend._reactor.poll(1.0)     # what a controller sees, then is preempted
+        with eng._lock:
+            _, seen = backend._reactor.dispatch(polled)
+        assert [ev for rec, _, ev in seen if rec is x._rec and ev & select.EPOLLRDHUP], seen
+        old_fd = x._rec.src.fileno()
+        assert x.unsplice() == 0                 # X ends; its dups are closed
+        y = eng.splice(c1, d0)
+        assert y._rec.src.fileno() == old_fd, "the dup did not take the freed number"
+        real_poll = backend._reactor.poll
+        backend._reactor.poll = lambda timeout: polled   # the stale batch, once
+        try:
+            eng.reap()                           # drives one step
+        finally:
+            backend._reactor.poll = real_poll
+        assert y._rec.state is _splice.State.ACTIVE and not y._rec.eof, \
+            f"took another socket's EOF for its own: {y._rec.state}"
+        answer = os.urandom(200_000)
+        c0.sendall(answer)
+        c0.shutdown(socket.SHUT_WR)
+        assert y.wait(10) == 0
+        assert y.bytes == len(answer)
+        d0.shutdown(socket.SHUT_WR)
+        got = recv_until_eof(d1)
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(answer).hexdigest(), \
+            f"got {len(got)} of {len(answer)} bytes"
+    finally:
+        eng.close()
+        for p in pairs:
+            for s in p:
+                s.close()

@@ -520,13 +520,17 @@ def test_answers_and_fins_racing_the_splice(env):
                 if len(n) < 4:
                     return
                 i = int.from_bytes(n, "big")
-                s.sendall(answers[i])
-                s.shutdown(socket.SHUT_WR)
                 s.settimeout(STEP)
                 try:
+                    s.sendall(answers[i])
+                    s.shutdown(socket.SHUT_WR)
                     while s.recv(1 << 16):
                         pass
                 except OSError:
+                    # Reset by a client that gave up on a lost answer
+                    # (reported by one() below): serve the others. A dead
+                    # server thread left its share of the connections
+                    # unserved, and a few losses turned into timeouts.
                     pass
 
     def one(i: int) -> str | None:

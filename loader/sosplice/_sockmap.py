@@ -308,13 +308,17 @@ class SockmapBackend:
         # the ring buffer's at half credit, EPOLLIN for a passed skb (epoll
         # reports a source already readable when it is registered). One
         # that cannot (bytes taken at the start, a resplice's queue, EOF)
-        # is looked at by the controller at once. (Taking that first step
-        # here, in the caller's thread, lost a whole answer now and then
-        # under CPU load: tests/test_transfer.py::
-        # test_answers_and_fins_racing_the_splice, 2 of 4 runs beside two
-        # hogs; not understood yet, so not done.)
+        # takes its first step here, in the caller's thread, under the
+        # lock like every step: a proxy's client has usually sent its
+        # first bytes before the splice, and handing them to the
+        # controller cost a thread switch and a wake-up per connection.
+        # A splice that ends here closes its dups while the controller
+        # may hold a polled batch naming their fd numbers, which the
+        # caller's next splice() takes at once: the reactor re-reads the
+        # events of such numbers (_reactor, dispatch), or the old
+        # socket's EOF would end the new splice.
         if rec.pending or rec.fifo > 0 or rec.paused or rec.unmapped or rec.eof:
-            self._later(rec)
+            self._move(rec)
 
     def _claim_slot(self, rec: SockmapRecord) -> None:
         """Give the record's slot its owner, holding the verdict (it passes
@@ -647,7 +651,12 @@ class SockmapBackend:
             if not rec.pending and written >= rec.moved + rec.sent:
                 # Confirm on a second reading: a verdict that looked up ctl
                 # just before _dissolve deleted it may still be counting.
-                if rec.flushed_once:
+                # Not after EOF (or a reset): nothing arrives after it, and
+                # the verdicts of what came before have all counted (the
+                # tcp_state() barrier at the top of the step that saw it).
+                # That EOF is this source's own: the reactor hands a record
+                # no event of another socket that had its fd number.
+                if rec.flushed_once or rec.eof:
                     self._finish(rec)
                     return
                 rec.flushed_once = True
