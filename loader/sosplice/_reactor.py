@@ -64,8 +64,12 @@ class Reactor:
             self.ep.register(fd, mask)
             return
         assert port[2 * role] is None, "one splice per role per socket"
+        before = port[1] | port[3]
         port[2 * role], port[2 * role + 1] = rec, mask
-        self.ep.modify(fd, port[1] | port[3])
+        if port[1] | port[3] != before:
+            # (The same mask needs no syscall: a drain's 0 joining its
+            # socket's source role, in splice_pair, changes nothing.)
+            self.ep.modify(fd, port[1] | port[3])
 
     def modify(self, fd: int, role: int, rec: Any, mask: int) -> None:
         port = self._ports.get(fd)
@@ -82,6 +86,7 @@ class Reactor:
         port = self._ports.get(fd)
         if port is None or port[2 * role] is not rec:
             return
+        before = port[1] | port[3]
         port[2 * role], port[2 * role + 1] = None, 0
         if port[0] is None and port[2] is None:
             del self._ports[fd]
@@ -92,6 +97,8 @@ class Reactor:
             # Read after the unregister: one that came after a poll
             # collected its events reads that poll's count or a later one.
             self._removed[fd] = self._polls
+            return
+        if port[1] | port[3] == before:
             return
         try:
             self.ep.modify(fd, port[1] | port[3])
