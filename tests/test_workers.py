@@ -22,12 +22,19 @@ def _children(pid: int) -> set[int]:
     return {int(x) for x in out.split()}
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent's wait()."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _gone(pids: set[int], timeout: float = 20) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(os.path.exists(f"/proc/{p}") and
-                   open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-                   for p in pids):
+        if not any(_alive(p) for p in pids):
             return True
         time.sleep(0.05)
     return False
