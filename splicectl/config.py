@@ -5,6 +5,7 @@
     metrics = "127.0.0.1:9100"  # optional: Prometheus metrics over HTTP
     grace = 5                   # optional: seconds, on SIGTERM/SIGINT
     connect_timeout = 3         # optional: seconds, per upstream connect
+    splice_after = 0.5          # optional: seconds relayed before splicing (0: at once)
     workers = 2                 # optional: processes (default 1; --workers)
 
     [[listen]]
@@ -28,9 +29,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .proxy import CHECKS, Config, ListenConfig, UsageError, fmt_addr, parse_addr, resolve
+from .proxy import (CHECKS, SPLICE_AFTER, Config, ListenConfig, UsageError, fmt_addr, parse_addr,
+                    resolve)
 
-TOP_KEYS = ("backend", "backlog_cap", "metrics", "grace", "connect_timeout", "workers", "listen")
+TOP_KEYS = ("backend", "backlog_cap", "metrics", "grace", "connect_timeout", "splice_after",
+            "workers", "listen")
 LISTEN_KEYS = ("bind", "upstreams", "idle", "max_conns", "send_proxy")
 
 
@@ -175,6 +178,7 @@ def from_dict(doc: dict[str, Any], lines: _Lines, name: str) -> Config:
         metrics=get(doc, "metrics", None, _address(listen=True)),
         grace=get(doc, "grace", None, _seconds("grace"), 5.0),
         connect_timeout=get(doc, "connect_timeout", None, _seconds("connect_timeout"), 3.0),
+        splice_after=get(doc, "splice_after", None, _seconds("splice_after"), SPLICE_AFTER),
         workers=get(doc, "workers", None, _workers, 1),
     )
 

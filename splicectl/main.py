@@ -24,8 +24,9 @@ examples:
 
 
 PROXY_DESCRIPTION = """\
-Accept on LISTEN, connect to an UPSTREAM (round robin) and splice both
-ways in the kernel. Or, with --config FILE, do that for every [[listen]]
+Accept on LISTEN, connect to an UPSTREAM (round robin), relay the first
+bytes and splice both ways in the kernel once the connection shows bulk
+(--splice-after). Or, with --config FILE, do that for every [[listen]]
 table of a TOML file, in one process with one engine (or --workers N
 processes, each with its own):
 
@@ -34,6 +35,7 @@ processes, each with its own):
   metrics = "127.0.0.1:9100"    # optional, as --metrics
   grace = 5                     # optional, as --grace
   connect_timeout = 3           # optional, as --connect-timeout
+  splice_after = 0.5            # optional, as --splice-after
   workers = 2                   # optional, as --workers
 
   [[listen]]
@@ -228,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--metrics", metavar="HOST:PORT", default=None, type=_addr(listen=True),
                     help="serve Prometheus metrics over HTTP here (docs/observing.md lists "
                          "them)")
+    px.add_argument("--splice-after", type=_setting("splice_after", _float),
+                    default=None, metavar="S",
+                    help="relay a connection in the proxy (recv and send, as HAProxy's "
+                         "splice-auto) until it shows bulk (a full 64 KiB read, a drain "
+                         "that does not take a send whole, 256 KiB in all) or has been "
+                         "relayed for S seconds with both directions open, then splice "
+                         "it; one whose one direction ended first is relayed to its end "
+                         "(default 0.5; 0: splice at once)")
     px.add_argument("--grace", type=_setting("grace", _float),
                     default=None, metavar="S",
                     help="on SIGINT/SIGTERM stop accepting and let connections finish for S "

@@ -1,13 +1,18 @@
-"""`splicectl proxy`: a TCP proxy whose bytes never enter user space.
+"""`splicectl proxy`: a TCP proxy that relays short exchanges itself and
+splices the rest in the kernel, where its bytes never enter user space.
 
 One thread, one `selectors` loop, one `sosplice.Splicer`, any number of
 listeners (one per `[[listen]]` of a config file, or the command line's
 one). The loop accepts, connects to one of the listener's upstreams (round
 robin, non-blocking, with a timeout, trying the next upstream on failure),
-writes a PROXY protocol header if the listener asks for one, splices both
-ways and then only learns of the end of each direction through
-`Splicer.fileno()`. (`--workers N` runs N of these, in processes of
-their own: splicectl.workers.)
+writes a PROXY protocol header if the listener asks for one, and then
+relays both directions itself (recv, send) until the connection shows
+bulk or has been relayed for --splice-after seconds, as HAProxy's `option
+splice-auto` does: a short exchange costs far less copied than spliced
+(two splices to set up and tear down). Then it splices both ways and
+only learns of the end of each direction through `Splicer.fileno()`.
+(`--workers N` runs N of these, in processes of their own:
+splicectl.workers.)
 
 `reload()` (SIGHUP) applies a new `Config`: listeners that are new start,
 those that are gone stop accepting; a connection keeps the listener
@@ -15,21 +20,24 @@ settings it was accepted under and is never touched by a reload.
 
 The loop's parts: each selector entry's data is the method to call when
 it is ready (no dispatch on tags); every deadline (a connect's, the next
---idle look, --grace, an accept pause) is an entry in one heap, and a
-connection's entries other than its current one are skipped lazily (no
-pass scans the connections); a connection is a small state machine,
-`ConnState`:
+--splice-after or --idle look, --grace, an accept pause) is an entry in
+one heap, and a connection's entries other than its current one are
+skipped lazily (no pass scans the connections); a connection is a small
+state machine, `ConnState`:
 
-    accept -> CONNECTING -> SPLICED -> (CLOSING) -> DONE
+    accept -> CONNECTING -> RELAYING -> SPLICED -> (CLOSING) -> DONE
+    (--splice-after 0: CONNECTING -> SPLICED at once)
 
 and ends through one method, `_close`. The engine shares the proxy's two
 sockets (`splice_pair`), so they are closed only once both splices of
 the connection are reaped: a connection the proxy resets waits in
-CLOSING until then. Every option value is checked by one table,
-`CHECKS`, whichever way it came (command line, config file, a caller's
-Config).
+CLOSING until then. A connection one of whose directions ends while it is
+relayed stays RELAYING to its end (a splice pair needs both directions).
+Every option value is checked by one table, `CHECKS`, whichever way it
+came (command line, config file, a caller's Config).
 
-How a connection ends (the contract; docs: README, `splicectl proxy --help`):
+How a connection ends, relayed or spliced alike (the contract; docs:
+README, `splicectl proxy --help`):
 
 - A direction that ends cleanly (EOF on its source: error 0) is passed on
   as a FIN: `shutdown(SHUT_WR)` on its drain. The other direction goes on.
@@ -94,6 +102,13 @@ FDS_RESERVE = 16
 BACKLOG_CAP_MIN, BACKLOG_CAP_MAX = 1 << 16, 1 << 28
 # --workers: processes (each its own loop and engine; splicectl.workers).
 MAX_WORKERS = 256
+# The relay phase (RELAYING): one recv takes at most RELAY_CHUNK bytes; a
+# recv that fills it, a send that the drain does not take whole, or
+# RELAY_BULK bytes relayed (both directions) is bulk, which is spliced.
+RELAY_CHUNK = 1 << 16
+RELAY_BULK = 256 << 10
+# --splice-after: seconds of relaying before a connection is spliced anyway.
+SPLICE_AFTER = 0.5
 
 
 class UsageError(Exception):
@@ -157,6 +172,7 @@ def check_choice(options: tuple[str, ...]) -> Callable[[str], str]:
 CHECKS: dict[str, Callable] = {
     "connect_timeout": check_seconds,
     "grace": check_seconds_or_zero,
+    "splice_after": check_seconds_or_zero,
     "idle": check_seconds,
     "max_conns": check_count,
     "backlog_cap": check_backlog_cap,
@@ -166,6 +182,7 @@ CHECKS: dict[str, Callable] = {
 }
 # How an error names a setting: its command-line option if it has one.
 OPTION_NAMES = {"connect_timeout": "--connect-timeout", "grace": "--grace", "idle": "--idle",
+                "splice_after": "--splice-after",
                 "max_conns": "--max-conns", "backlog_cap": "--backlog-cap",
                 "backend": "--backend", "workers": "--workers", "send_proxy": "send_proxy"}
 
@@ -175,8 +192,8 @@ def check_config(cfg: Config) -> Config:
     that names the option. main and config.load check the same while
     parsing; this is for callers that build Config or Options themselves,
     so that no bad value reaches a connection."""
-    values = [(k, getattr(cfg, k)) for k in ("connect_timeout", "grace", "backlog_cap", "backend",
-                                              "workers")]
+    values = [(k, getattr(cfg, k)) for k in ("connect_timeout", "grace", "splice_after",
+                                              "backlog_cap", "backend", "workers")]
     if not cfg.listeners:
         raise UsageError("at least one listener is needed")
     for lc in cfg.listeners:
@@ -402,8 +419,11 @@ def fmt_peer(sa: tuple | list | None) -> str:
 class ConnState(enum.Enum):
     """Where a connection is. Each transition is made by one method:
 
-        CONNECTING --_splice()---> SPLICED    upstream connected, both ways spliced
+        CONNECTING --_relay()----> RELAYING   upstream connected, relayed by the loop
+        CONNECTING --_splice()---> SPLICED    upstream connected, --splice-after 0
         CONNECTING --_close()----> DONE       no upstream, a refused splice, stop
+        RELAYING ---_splice()----> SPLICED    bulk, or --splice-after passed
+        RELAYING ---_close()-----> DONE       both FINs passed on, a reset, --idle, stop
         SPLICED ----_close()-----> CLOSING    a splice of it is still to be reaped
         SPLICED ----_close()-----> DONE       none is (the second FIN passed on)
         CLOSING ----_release()---> DONE       its last splice reaped (by _reap)
@@ -412,6 +432,11 @@ class ConnState(enum.Enum):
 
     CONNECTING: accepted; the connect to an upstream is in flight (the
     upstream socket is in the selector, its deadline in the timer heap).
+    RELAYING: the loop copies both directions itself (`_relay_io`), as
+    HAProxy's splice-auto does before a transfer shows bulk; each socket
+    is in the selector for reading its direction and, while a send to
+    it is pending, for writing. `Conn.half` is the direction that has
+    passed its FIN on, if one has: such a connection is relayed to its end.
     SPLICED: both directions spliced, each ending on its own; `Conn.half`
     is the one that has passed its FIN on, if one has.
     CLOSING: closed by the proxy (reset both ways) while the engine still
@@ -419,16 +444,20 @@ class ConnState(enum.Enum):
     they stay open until it is. Counted in `Proxy.held`.
     DONE: sockets closed, its line logged, in no table.
 
-    Only CONNECTING and SPLICED connections are in `Proxy.conns`.
+    Only CONNECTING, RELAYING and SPLICED connections are in `Proxy.conns`.
     """
     CONNECTING = "connecting"
+    RELAYING = "relaying"
     SPLICED = "spliced"
     CLOSING = "closing"
     DONE = "done"
 
 
-CONNECTING, SPLICED, CLOSING, DONE = (ConnState.CONNECTING, ConnState.SPLICED,
-                                      ConnState.CLOSING, ConnState.DONE)
+CONNECTING, RELAYING, SPLICED, CLOSING, DONE = (
+    ConnState.CONNECTING, ConnState.RELAYING, ConnState.SPLICED, ConnState.CLOSING,
+    ConnState.DONE)
+
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class Stop(enum.Enum):
@@ -452,15 +481,30 @@ class Conn:
     up_index: int = 0          # upstream being tried; once connected, the one it is spliced to
     tries: int = 0             # upstreams tried so far
     # Its one live entry in Proxy.timers: the connect deadline (CONNECTING),
-    # the next --idle look (SPLICED); 0: none. Any other entry is stale.
+    # the next --splice-after or --idle look (RELAYING), the next --idle
+    # look (SPLICED); 0: none. Any other entry is stale.
     due: float = 0.0
     splices: tuple = ()        # (up, down), once SPLICED
     pending: int = 0           # of those, the ones not reaped yet
     half: str | None = None    # the direction that has passed its FIN on
-    # --idle: the bytes of both splices at the last look, and when that
-    # count last changed (monotonic).
+    # --idle: the bytes of both splices (RELAYING: relayed) at the last
+    # look, and when that count last changed (monotonic).
     seen: int = 0
     quiet_since: float = 0.0
+    # RELAYING: the bytes relayed each way (they count in the log line's
+    # and the metrics' bytes, never in the kernel share); the bytes read
+    # and not yet taken by the drain, each way; the selector events of
+    # each socket (0: not in the selector); when --splice-after is up;
+    # whether it is to be spliced once nothing is pending.
+    relayed_up: int = 0
+    relayed_down: int = 0
+    pend_up: bytes = b""
+    pend_down: bytes = b""
+    client_ev: int = 0
+    upstream_ev: int = 0
+    splice_at: float = 0.0
+    bulk: bool = False
+    relayed: bool = False      # it was RELAYING (its log line says `cut`, not `-`)
     # What its log line and metrics tell (see _log_end).
     accepted: float = 0.0      # monotonic
     connect_started: float = 0.0
@@ -497,6 +541,7 @@ class Config:
     check_upstreams: bool = True
     backend: str | None = None     # None: $SOSPLICE_BACKEND, else "auto"
     workers: int = 1               # processes (splicectl.workers); each max_conns is shared
+    splice_after: float = SPLICE_AFTER   # seconds relayed before splicing; 0: splice at once
 
 
 @dataclass
@@ -513,6 +558,7 @@ class Options:
     check_upstreams: bool = True
     backend: str | None = None     # None: $SOSPLICE_BACKEND, else "auto"
     workers: int = 1
+    splice_after: float = SPLICE_AFTER
 
     def config(self) -> Config:
         """As a Config, checked (check_config)."""
@@ -520,7 +566,7 @@ class Options:
             listeners=(ListenConfig(self.listen, tuple(self.upstreams), self.idle, self.max_conns),),
             connect_timeout=self.connect_timeout, backlog_cap=self.backlog_cap,
             metrics=self.metrics, grace=self.grace, check_upstreams=self.check_upstreams,
-            backend=self.backend, workers=self.workers))
+            backend=self.backend, workers=self.workers, splice_after=self.splice_after))
 
 
 class Listener:
@@ -575,7 +621,7 @@ class Proxy:
         self.live: dict[str, int] = {}   # live connections by listener name (max_conns)
         self.metrics_sock: socket.socket | None = None
         self.engine = None
-        self.conns: dict[int, Conn] = {}   # CONNECTING and SPLICED ones, by id
+        self.conns: dict[int, Conn] = {}   # CONNECTING, RELAYING and SPLICED ones, by id
         # Every deadline, one heap (see _at): (when, seq, callback, conn or
         # None). A connection's entry is live while its `due` is `when`;
         # the others are skipped (and dropped in bulk, see _at).
@@ -599,6 +645,7 @@ class Proxy:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.address: tuple | None = None
+        self.ev = 0     # the events of the selector entry being run
         # A worker of splicectl.workers: its master's end of a socketpair
         # (stop, reload, a metrics scrape), and listeners it shares with
         # the other workers (SO_REUSEPORT).
@@ -782,7 +829,8 @@ class Proxy:
                         for c in list(self.conns.values()):
                             self._close(c, "grace", "grace period over")
                         break
-                for key, _ in select(self._timeout()):
+                for key, ev in select(self._timeout()):
+                    self.ev = ev    # for the relay's callbacks (_relay_io)
                     key.data()
                 # Every pass: an engine without a thread (bpf) is driven
                 # here, and a threaded one's reap() is a cheap eventfd read.
@@ -1077,8 +1125,7 @@ class Proxy:
             self._connect_failed(c, os.strerror(err))
             self._try_connect(c)
             return
-        self.sel.unregister(c.upstream)
-        self._splice(c)
+        self._established(c)
 
     def _connect_due(self, c: Conn, _now: float) -> None:
         """--connect-timeout has passed since the connect started."""
@@ -1091,14 +1138,32 @@ class Proxy:
         self._connect_failed(c, "connect timed out")
         self._try_connect(c)
 
-    def _splice(self, c: Conn) -> None:
-        """CONNECTING -> SPLICED: the PROXY header, if asked for, then both
-        directions in the engine; a refusal closes `c` (splice_refused)."""
+    def _established(self, c: Conn) -> None:
+        """The upstream is connected: the PROXY header, if asked for, then
+        CONNECTING -> RELAYING, or -> SPLICED at once with --splice-after
+        0. A header that cannot be sent closes `c` (splice_refused, as
+        a refused splice: the stream to the upstream would be corrupt)."""
         c.connect_secs = time.monotonic() - c.connect_started
         self.m.connect_time.observe(c.connect_secs)
-        try:
-            if c.via.conf.send_proxy:
+        if c.via.conf.send_proxy:
+            try:
                 self._send_proxy_header(c)
+            except OSError as e:
+                log.warning("conn %d: cannot send the PROXY protocol header: %s", c.id, e)
+                gone = _END_CLIENT_ABORT if _was_reset(c.client) else "splice_refused"
+                self._close(c, gone, "no PROXY header")
+                return
+        if self.cfg.splice_after:
+            self._relay(c)
+        else:
+            self.sel.unregister(c.upstream)
+            self._splice(c)
+
+    def _splice(self, c: Conn) -> None:
+        """CONNECTING or RELAYING -> SPLICED: both directions in the
+        engine (neither socket is in the selector any more, nothing relayed
+        is pending); a refusal closes `c` (splice_refused)."""
+        try:
             # No idle= here: an idle timeout per direction would end a
             # quiet upload under a streaming download; --idle is kept per
             # connection (_idle_due). The engine shares the two sockets,
@@ -1120,16 +1185,235 @@ class Proxy:
         splices[up] = (c, UP)
         splices[down] = (c, DOWN)
         c.pending = 2
-        c.state = SPLICED
+        relaying, c.state = c.state is RELAYING, SPLICED
         idle = c.via.conf.idle
         if idle is None:
-            c.due = 0.0     # the connect deadline's entry is stale now
+            c.due = 0.0     # the connect deadline's (or relay look's) entry is stale now
         else:
             now = time.monotonic()
-            c.quiet_since = now
+            # --idle counts from the last byte, relayed or spliced: a relay
+            # that moved none since its last look keeps its quiet_since.
+            if not relaying or c.relayed_up + c.relayed_down != c.seen:
+                c.quiet_since = now
+            c.seen = 0      # from now on: the splices' bytes
             self._at(now + idle / IDLE_SLICES, self._idle_due, c)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("conn %d spliced to %s", c.id, fmt_addr(c.upstream.getpeername()))
+            log.debug("conn %d spliced to %s (%d bytes relayed before)", c.id,
+                      fmt_addr(c.upstream.getpeername()), c.relayed_up + c.relayed_down)
+
+    # -- RELAYING: the loop copies, until the connection shows bulk ------------
+
+    def _relay(self, c: Conn) -> None:
+        """CONNECTING -> RELAYING: each socket in the selector for reading
+        its direction (the upstream's entry, so far for the connect, is
+        changed, not made anew); one deadline for --splice-after and --idle."""
+        c.state = RELAYING
+        c.relayed = True
+        c.client_ev = c.upstream_ev = _READ
+        self.sel.modify(c.upstream, _READ, partial(self._relay_io, c, DOWN))
+        self.sel.register(c.client, _READ, partial(self._relay_io, c, UP))
+        now = time.monotonic()
+        c.splice_at = now + self.cfg.splice_after
+        c.quiet_since = now
+        idle = c.via.conf.idle
+        self._at(c.splice_at if idle is None else min(c.splice_at, now + idle / IDLE_SLICES),
+                 self._relay_due, c)
+
+    def _relay_io(self, c: Conn, d: str) -> None:
+        """A socket of a RELAYING connection is ready: the source of
+        direction `d` (client: UP, upstream: DOWN) to read, or the drain of
+        the other direction to write."""
+        if c.state is not RELAYING:   # spliced or closed earlier in this same round
+            return
+        ev = self.ev
+        if ev & _WRITE:
+            other = DOWN if d is UP else UP
+            if (c.pend_down if other is DOWN else c.pend_up) and not self._flush(c, other):
+                return
+        if ev & _READ and c.state is RELAYING:
+            self._pump(c, d)
+
+    def _pump(self, c: Conn, d: str) -> None:
+        """One recv from the source of `d`, sent on to its drain."""
+        if d is UP:
+            source, drain = c.client, c.upstream
+            if c.up_end or c.pend_up:     # ended, or waiting for its drain
+                return
+        else:
+            source, drain = c.upstream, c.client
+            if c.down_end or c.pend_down:
+                return
+        try:
+            data = source.recv(RELAY_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._relay_failed(c, d, e)
+            return
+        n = len(data)
+        if not n:
+            self._relay_eof(c, d, source, drain)
+            return
+        try:
+            sent = drain.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            self._relay_failed(c, d, e)
+            return
+        self._relayed(c, d, sent)
+        if sent < n:
+            # The drain is full: bulk. Read no more of `d` until it takes
+            # the rest; the drain is watched for writing.
+            c.bulk = True
+            if d is UP:
+                c.pend_up = data[sent:]
+            else:
+                c.pend_down = data[sent:]
+            self._watch(c)
+            return
+        if n == RELAY_CHUNK or c.relayed_up + c.relayed_down >= RELAY_BULK:
+            c.bulk = True
+        if c.bulk and not c.pend_up and not c.pend_down and c.half is None:
+            self._unwatch_and_splice(c)
+
+    def _flush(self, c: Conn, d: str) -> bool:
+        """Send what is pending of direction `d` to its drain. Whether the
+        connection is still RELAYING (a failed send closes it)."""
+        drain, pend = (c.upstream, c.pend_up) if d is UP else (c.client, c.pend_down)
+        try:
+            sent = drain.send(pend)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as e:
+            self._relay_failed(c, d, e)
+            return False
+        self._relayed(c, d, sent)
+        rest = pend[sent:]
+        if d is UP:
+            c.pend_up = rest
+        else:
+            c.pend_down = rest
+        if rest:
+            return True
+        if c.bulk and not c.pend_up and not c.pend_down and c.half is None:
+            self._unwatch_and_splice(c)
+            return False
+        self._watch(c)
+        return True
+
+    def _relayed(self, c: Conn, d: str, n: int) -> None:
+        if d is UP:
+            c.relayed_up += n
+        else:
+            c.relayed_down += n
+        self.m.bytes_done[d] += n
+
+    def _watch(self, c: Conn) -> None:
+        """Each socket's selector events, from what its two roles need:
+        reading (its direction not ended, nothing of it pending) and
+        writing (a send to it pending). Only changes make a syscall."""
+        cev = ((0 if c.up_end or c.pend_up else _READ) | (_WRITE if c.pend_down else 0))
+        uev = ((0 if c.down_end or c.pend_down else _READ) | (_WRITE if c.pend_up else 0))
+        if cev != c.client_ev:
+            self._set_events(c, c.client, c.client_ev, cev, UP)
+            c.client_ev = cev
+        if uev != c.upstream_ev:
+            self._set_events(c, c.upstream, c.upstream_ev, uev, DOWN)
+            c.upstream_ev = uev
+
+    def _set_events(self, c: Conn, s: socket.socket, old: int, new: int, d: str) -> None:
+        """Socket `s` (the source of `d`) from events `old` to `new`."""
+        sel = self.sel
+        if not old:
+            sel.register(s, new, partial(self._relay_io, c, d))
+        elif not new:
+            sel.unregister(s)
+        else:
+            sel.modify(s, new, sel.get_key(s).data)
+
+    def _unwatch(self, c: Conn) -> None:
+        """Take both sockets of `c` out of the selector."""
+        if c.client_ev:
+            self.sel.unregister(c.client)
+            c.client_ev = 0
+        if c.upstream_ev:
+            self.sel.unregister(c.upstream)
+            c.upstream_ev = 0
+
+    def _unwatch_and_splice(self, c: Conn) -> None:
+        """RELAYING -> SPLICED: both directions open, nothing pending."""
+        self._unwatch(c)
+        self._splice(c)
+
+    def _relay_eof(self, c: Conn, d: str, source: socket.socket, drain: socket.socket) -> None:
+        """EOF on the source of `d` (nothing of `d` pending): passed on as
+        a FIN, as a splice's clean end is (_reap), unless the source was in
+        fact reset (_reset_not_fin)."""
+        if c.half is None and _reset_not_fin(source):
+            log.debug("conn %d: %s relay read EOF, but its source was reset", c.id, d)
+            self._relay_failed(c, d, ConnectionResetError(errno.ECONNRESET, "reset"))
+            return
+        log.debug("conn %d: %s relay read EOF: passing the FIN on", c.id, d)
+        if d is UP:
+            c.up_end = "EOF"
+        else:
+            c.down_end = "EOF"
+        self.m.splice_ended("EOF")
+        try:
+            drain.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if c.half is None:
+            c.half = d
+            self._watch(c)
+        else:
+            self._close(c, _END_CLOSED, "both FINs passed on")
+
+    def _relay_failed(self, c: Conn, d: str, e: OSError) -> None:
+        """A recv from the source of `d` or a send to its drain failed
+        (ECONNRESET, EPIPE, ...): the stream is cut, both sides are reset,
+        as for a splice that ends with an error (_reap)."""
+        reason = reason_name(e.errno) if e.errno else "error"
+        if d is UP:
+            c.up_end = reason
+        else:
+            c.down_end = reason
+        self.m.splice_ended(reason)
+        end = (_END_CLIENT_ABORT if _was_reset(c.client) else
+               _END_UPSTREAM_ABORT if _was_reset(c.upstream) else "error")
+        log.debug("conn %d: %s relay failed with %s: resetting both sides", c.id, d, reason)
+        self._close(c, end, "a relay failed")
+
+    def _relay_due(self, c: Conn, now: float) -> None:
+        """The one deadline of a RELAYING connection: --splice-after (splice
+        now if both directions are open and nothing is pending, else once
+        it is flushed) and --idle (as _idle_due, on the relayed bytes)."""
+        if c.half is None and not c.bulk and now >= c.splice_at:
+            c.bulk = True
+            if not c.pend_up and not c.pend_down:
+                self._unwatch_and_splice(c)
+                return
+        idle = c.via.conf.idle
+        due = math.inf
+        if idle is not None:
+            total = c.relayed_up + c.relayed_down
+            if total != c.seen:
+                c.seen, c.quiet_since = total, now
+                due = now + idle / IDLE_SLICES
+            elif now - c.quiet_since >= idle:
+                log.debug("conn %d: no byte either way for %.1f s (--idle %g): resetting",
+                          c.id, now - c.quiet_since, idle)
+                self._close(c, "idle", "idle")
+                return
+            else:
+                due = c.quiet_since + idle
+        if c.half is None and not c.bulk:
+            due = min(due, c.splice_at)
+        if due < math.inf:
+            self._at(due, self._relay_due, c)
+        else:
+            c.due = 0.0
 
     @staticmethod
     def _send_proxy_header(c: Conn) -> None:
@@ -1216,8 +1500,9 @@ class Proxy:
                 self._close(c, end, "a splice failed")
 
     def _close(self, c: Conn, end: str, why: str) -> None:
-        """The one way a connection ends: CONNECTING or SPLICED -> CLOSING,
-        or on to DONE (`_release`) when no splice of it is left to reap.
+        """The one way a connection ends: CONNECTING, RELAYING or SPLICED
+        -> CLOSING, or on to DONE (`_release`) when no splice of it is left
+        to reap (always so for CONNECTING and RELAYING).
 
         `end` is why (the log line's end=): _END_CLOSED once both
         directions have passed their FIN on, and then the sockets are
@@ -1234,7 +1519,10 @@ class Proxy:
         c.duration = time.monotonic() - c.accepted
         self.m.duration.observe(c.duration)
         del self.conns[c.id]
-        if state is CONNECTING and c.upstream is not None \
+        if state is RELAYING:
+            self._unwatch(c)
+            c.pend_up = c.pend_down = b""   # dropped with the reset
+        elif state is CONNECTING and c.upstream is not None \
                 and c.upstream.fileno() in self.sel.get_map():
             self.sel.unregister(c.upstream)
         if end != _END_CLOSED:
@@ -1282,19 +1570,22 @@ class Proxy:
 
         logfmt, keys in this order (docs/observing.md): conn client listener
         upstream connect duration up_bytes down_bytes kernel up_end
-        down_end end. Bytes are exact; kernel is the share of both
-        directions moved without a copy through the proxy, floored (100%:
-        every byte). A direction still running when the proxy closed the
-        connection was `cut`; one never started is `-`.
+        down_end end. Bytes are exact, relayed and spliced; kernel is the
+        share of both directions moved without a copy through the proxy,
+        floored (100%: every byte; relayed bytes are copies). A direction
+        still running when the proxy closed the connection was `cut`; one
+        never started is `-`.
         """
+        moved_up, moved_down = c.relayed_up, c.relayed_down
         if c.splices:
             up, down = c.splices
-            moved_up, moved_down = up.bytes, down.bytes
+            moved_up += up.bytes
+            moved_down += down.bytes
             kernel = up.kernel_bytes + down.kernel_bytes
             cut = "cut"
         else:
-            moved_up = moved_down = kernel = 0
-            cut = "-"
+            kernel = 0
+            cut = "cut" if c.relayed else "-"
         total = moved_up + moved_down
         log.info("conn=%d client=%s listener=%s upstream=%s connect=%s duration=%.3fs "
                  "up_bytes=%d down_bytes=%d kernel=%s up_end=%s down_end=%s end=%s",
@@ -1346,7 +1637,8 @@ class Proxy:
 
     def _live_counts(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """For the metrics at each scrape: connections open, and the bytes
-        (all, in-kernel) that live splices have moved so far, by direction."""
+        (all, in-kernel) that live splices have moved so far, by direction.
+        (Relayed bytes are in `m.bytes_done` as soon as they are sent.)"""
         live, kernel = {UP: 0, DOWN: 0}, {UP: 0, DOWN: 0}
         for sp, (_, d) in list(self.splices.items()):
             live[d] += sp.bytes
@@ -1383,7 +1675,7 @@ class Proxy:
 # The command line's options that a config file sets instead.
 FILE_SETS = {"idle": "--idle", "max_conns": "--max-conns", "backlog_cap": "--backlog-cap",
              "metrics": "--metrics", "grace": "--grace", "connect_timeout": "--connect-timeout",
-             "backend": "--backend", "workers": "--workers"}
+             "backend": "--backend", "workers": "--workers", "splice_after": "--splice-after"}
 
 
 def cli_config(args) -> tuple[Config, str | None]:

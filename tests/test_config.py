@@ -56,9 +56,10 @@ def test_good_file_loads_every_key():
 
     cfg = config.from_dict(tomllib.loads(GOOD), config._Lines(GOOD), "x")
     assert cfg.backend == "worker" and cfg.grace == 2 and cfg.connect_timeout == 3.0
-    assert cfg.workers == 1
-    two = GOOD.replace("grace = 2", "grace = 2\nworkers = 2")
-    assert config.from_dict(tomllib.loads(two), config._Lines(two), "x").workers == 2
+    assert cfg.workers == 1 and cfg.splice_after == 0.5
+    two = GOOD.replace("grace = 2", "grace = 2\nworkers = 2\nsplice_after = 0")
+    cfg2 = config.from_dict(tomllib.loads(two), config._Lines(two), "x")
+    assert (cfg2.workers, cfg2.splice_after) == (2, 0.0)
     a, b = cfg.listeners
     assert (a.bind, a.upstreams, a.idle, a.max_conns, a.send_proxy) == \
         (("127.0.0.1", 0), (("127.0.0.1", 9),), None, 0, None)
@@ -76,6 +77,9 @@ def test_good_file_loads_every_key():
     (('grace = 2', 'grace = 2\nmetrics = "nonsense"'), 3, "metrics"),
     (('grace = 2', 'grace = 2\nworkers = 0'), 3, "workers"),
     (('grace = 2', 'grace = 2\nworkers = 1.5'), 3, "workers"),
+    (('grace = 2', 'grace = 2\nsplice_after = -1'), 3, "splice_after"),
+    (('grace = 2', 'grace = 2\nsplice_after = 0.0001'), 3, "splice_after"),
+    (('grace = 2', 'grace = 2\nsplice_after = "1"'), 3, "splice_after"),
     (('upstreams = ["127.0.0.1:9"]', 'upstreams = ["127.0.0.1:x"]'), 6, "listen[0].upstreams"),
     (('upstreams = ["127.0.0.1:9"]', 'upstreams = []'), 6, "listen[0].upstreams"),
     (('upstreams = ["127.0.0.1:9"]', 'upstreams = "127.0.0.1:9"'), 6, "listen[0].upstreams"),
@@ -174,6 +178,7 @@ def test_check_validates_and_exits(tmp_path):
     ["--config", "F", "127.0.0.1:0", "127.0.0.1:9"],
     ["--config", "F", "--idle", "5"],
     ["--config", "F", "--backend", "worker"],
+    ["--config", "F", "--splice-after", "0"],
     ["--check", "127.0.0.1:0", "127.0.0.1:9"],
     ["--config", "/nonexistent/proxy.toml"],
     [],
@@ -288,6 +293,7 @@ def test_several_listeners_one_engine_counted_per_listener(upstream, file_proxie
         for s in held:
             s.sendall(b"Eping")
             assert s.recv(4) == b"ping"
+        time.sleep(0.8)     # relayed until splice_after (0.5 s) has passed: then spliced
         r = subprocess.run([PY, "-m", "splicectl", "ls", "--json"], cwd=ROOT, env=px.env,
                            capture_output=True, text=True, timeout=30)
         rows = [x for x in json.loads(r.stdout) if x["pid"] == px.p.pid and x["state"] == "active"]

@@ -131,9 +131,17 @@ def wait_acked(s: socket.socket, timeout: float = 10) -> None:
 PAYLOAD = os.urandom(300_000)
 
 
+@pytest.fixture(params=["relay", "splice"])
+def phase(request) -> tuple[str, ...]:
+    """The proxy's options for how a connection starts: relayed by the
+    proxy until it shows bulk (the default --splice-after), or spliced at
+    once (--splice-after 0). Every end must be the same either way."""
+    return () if request.param == "relay" else ("--splice-after", "0")
+
+
 # -- A: a reset is passed on as a reset ---------------------------------------
 
-def test_upstream_reset_reaches_client_as_reset(servers, proxies, backend):
+def test_upstream_reset_reaches_client_as_reset(servers, proxies, backend, phase):
     """The upstream sends 300 KB of a longer answer, then resets. The
     client gets at most those bytes, in order, then ECONNRESET: never a
     clean EOF, which would make the truncated answer look complete."""
@@ -144,7 +152,7 @@ def test_upstream_reset_reaches_client_as_reset(servers, proxies, backend):
         return "sent"                   # leaving `with s` closes: a reset
 
     up = servers(send_then_reset)
-    px = proxies(up.addr, "--backend", backend, "--no-check")
+    px = proxies(up.addr, "--backend", backend, "--no-check", *phase)
     with socket.create_connection(px.addr, timeout=10) as c:
         got, how = read_to_end(c)
     assert up.result(1) == "sent"
@@ -153,7 +161,7 @@ def test_upstream_reset_reaches_client_as_reset(servers, proxies, backend):
     assert px.stop() == 0
 
 
-def test_client_reset_reaches_upstream_as_reset(servers, proxies, backend):
+def test_client_reset_reaches_upstream_as_reset(servers, proxies, backend, phase):
     """The client resets while the answer is still coming: the drain of
     the download fails (EPIPE) and the upload's source is reset
     (ECONNRESET). The upstream must see a reset, not a FIN that says
@@ -163,7 +171,7 @@ def test_client_reset_reaches_upstream_as_reset(servers, proxies, backend):
         return end_of(s)
 
     up = servers(send_then_listen)
-    px = proxies(up.addr, "--backend", backend, "--no-check")
+    px = proxies(up.addr, "--backend", backend, "--no-check", *phase)
     with socket.create_connection(px.addr, timeout=10) as c:
         assert c.recv(1000)             # the answer flows
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
@@ -171,7 +179,7 @@ def test_client_reset_reaches_upstream_as_reset(servers, proxies, backend):
     assert px.stop() == 0
 
 
-def test_clean_ends_stay_clean(servers, proxies, backend):
+def test_clean_ends_stay_clean(servers, proxies, backend, phase):
     """The other side of the rule: FINs both ways (the upstream's first)
     end the connection with FINs, every byte delivered."""
     def answer_then_wait(s: socket.socket) -> str:
@@ -180,7 +188,7 @@ def test_clean_ends_stay_clean(servers, proxies, backend):
         return end_of(s)
 
     up = servers(answer_then_wait)
-    px = proxies(up.addr, "--backend", backend, "--no-check")
+    px = proxies(up.addr, "--backend", backend, "--no-check", *phase)
     with socket.create_connection(px.addr, timeout=10) as c:
         got, how = read_to_end(c)
         assert (len(got), how) == (len(PAYLOAD), "EOF") and got == PAYLOAD
@@ -191,7 +199,7 @@ def test_clean_ends_stay_clean(servers, proxies, backend):
 
 # -- B: --idle is a connection timeout; a cut is a reset ----------------------
 
-def test_idle_spares_a_download_whose_upload_is_silent(servers, proxies, backend):
+def test_idle_spares_a_download_whose_upload_is_silent(servers, proxies, backend, phase):
     """A 200 KB/s download that lasts 2.5 s through `--idle 1`, while the
     client sends nothing: the upload direction is quiet for longer than
     the timeout, but the connection is not, so nothing is cut."""
@@ -206,7 +214,7 @@ def test_idle_spares_a_download_whose_upload_is_silent(servers, proxies, backend
         return end_of(s)
 
     up = servers(trickle)
-    px = proxies(up.addr, "--backend", backend, "--no-check", "--idle", "1")
+    px = proxies(up.addr, "--backend", backend, "--no-check", *phase, "--idle", "1")
     with socket.create_connection(px.addr, timeout=10) as c:
         got, how = read_to_end(c)
         assert (len(got), how) == (len(data), "EOF"), f"cut after {len(got)} bytes ({how})"
@@ -216,13 +224,13 @@ def test_idle_spares_a_download_whose_upload_is_silent(servers, proxies, backend
     assert px.stop() == 0
 
 
-def test_idle_cut_is_a_reset_on_both_sides(servers, proxies, backend):
+def test_idle_cut_is_a_reset_on_both_sides(servers, proxies, backend, phase):
     """A connection idle in both directions for `--idle` is cut: the
     client and the upstream both see a reset, after the timeout and not
     long after it."""
     idle = 0.6
     up = servers(echo_then_end)
-    px = proxies(up.addr, "--backend", backend, "--no-check", "--idle", str(idle))
+    px = proxies(up.addr, "--backend", backend, "--no-check", *phase, "--idle", str(idle))
     with socket.create_connection(px.addr, timeout=10) as c:
         c.sendall(b"ping")
         assert c.recv(4) == b"ping"
@@ -235,11 +243,11 @@ def test_idle_cut_is_a_reset_on_both_sides(servers, proxies, backend):
     assert px.stop() == 0
 
 
-def test_grace_expiry_is_a_reset_on_both_sides(servers, proxies, backend):
+def test_grace_expiry_is_a_reset_on_both_sides(servers, proxies, backend, phase):
     """SIGTERM with a live connection that does not finish within
     `--grace`: the proxy cuts it with a reset both ways and exits 0."""
     up = servers(echo_then_end)
-    px = proxies(up.addr, "--backend", backend, "--no-check", "--grace", "0.5")
+    px = proxies(up.addr, "--backend", backend, "--no-check", *phase, "--grace", "0.5")
     with socket.create_connection(px.addr, timeout=10) as c:
         c.sendall(b"ping")
         assert c.recv(4) == b"ping"
@@ -253,18 +261,21 @@ def test_grace_expiry_is_a_reset_on_both_sides(servers, proxies, backend):
     assert px.p.wait(15) == 0       # not stop(): a second SIGTERM would race its exit
 
 
-def test_idle_costs_two_looks_per_quiet_connection(backend):
+@pytest.mark.parametrize("splice_after", [0.5, 0])
+def test_idle_costs_two_looks_per_quiet_connection(backend, splice_after):
     """--idle keeps a deadline per connection and looks only at those due:
-    a connection that stays quiet is looked at twice (a slice of --idle
-    after its splice, then at --idle), two byte counts per look, and is
-    reset; nothing scans the connections that are not due. In-process,
-    to count the looks."""
+    a connection that stays quiet is looked at twice once spliced (a
+    slice of --idle after its splice, then at --idle), two byte counts per
+    look, and is reset at --idle after its last byte, relayed or spliced;
+    nothing scans the connections that are not due. In-process, to count
+    the looks."""
     from splicectl.proxy import Options, Proxy as InProcess
 
     n, idle = 200, 1.0
     up = socket.create_server(("127.0.0.1", 0), backlog=n + 8)  # never accepts: holds them
     px = InProcess(Options(listen=("127.0.0.1", 0), upstreams=[up.getsockname()[:2]],
-                           idle=idle, check_upstreams=False, backend=backend))
+                           idle=idle, check_upstreams=False, backend=backend,
+                           splice_after=splice_after))
     addr = px.start()
     looks = 0                   # byte counts read by the idle checks (not by _reap)
     checking = False
@@ -306,9 +317,11 @@ def test_idle_costs_two_looks_per_quiet_connection(backend):
 
 def test_refused_splice_is_a_warning(servers, proxies, backend):
     """A splice the engine refuses (here: the client reset while it
-    waited in the accept queue) shows at the default log level."""
+    waited in the accept queue) shows at the default log level. Spliced
+    at once (--splice-after 0): a relayed one would read the reset."""
     up = servers(end_of)
-    px = proxies(up.addr, "--backend", backend, "--no-check", "--max-conns", "1")
+    px = proxies(up.addr, "--backend", backend, "--no-check", "--splice-after", "0",
+                 "--max-conns", "1")
     first = socket.create_connection(px.addr, timeout=10)
     try:
         first.sendall(b"x")

@@ -224,7 +224,7 @@ def test_sigterm_with_live_connections_exits_within_grace(upstream, proxies):
 
 
 def test_ls_json_lists_live_splices(upstream, proxies):
-    px = proxies(upstream.addr)
+    px = proxies(upstream.addr, "--splice-after", "0")   # spliced at once: ls shows splices
     conns = [socket.create_connection(px.addr) for _ in range(3)]
     for s in conns:
         s.sendall(b"Eping")
@@ -300,6 +300,8 @@ def test_bad_arguments_exit_2_with_one_line(args):
     ("--idle", "0.0001"), ("--idle", "1e300"), ("--idle", "x"),
     ("--grace", "inf"), ("--grace", "nan"), ("--grace", "-1"), ("--grace", "0.0001"),
     ("--grace", "-inf"), ("--grace", "1e300"),
+    ("--splice-after", "-1"), ("--splice-after", "0.0001"), ("--splice-after", "nan"),
+    ("--splice-after", "inf"), ("--splice-after", "1e300"), ("--splice-after", "x"),
     ("--connect-timeout", "inf"), ("--connect-timeout", "nan"), ("--connect-timeout", "-1"),
     ("--connect-timeout", "0"), ("--connect-timeout", "0.0001"), ("--connect-timeout", "1e300"),
     ("--max-conns", "-1"), ("--max-conns", "1.5"), ("--max-conns", "inf"),
@@ -500,9 +502,11 @@ def _metrics(port: int) -> dict[str, float]:
 def test_metrics_count_bytes_and_kernel_bytes(upstream, proxies, engine):
     """sosplice_bytes_total counts every byte each way, exactly, and
     sosplice_kernel_bytes_total the part moved without a copy through the
-    proxy: at most that, and all of it on the worker backend."""
+    proxy: at most that, and all of it on the worker backend (spliced at
+    once: relayed bytes are copies; test_proxy_relay counts those)."""
     port = _free_port()
-    px = proxies(upstream.addr, "--backend", engine, "--metrics", f"127.0.0.1:{port}")
+    px = proxies(upstream.addr, "--backend", engine, "--metrics", f"127.0.0.1:{port}",
+                 "--splice-after", "0")
     data = random.Random(5).randbytes(4 << 20)
     with socket.create_connection(px.addr, timeout=30) as s:
         s.sendall(b"E" + data)
@@ -567,13 +571,14 @@ def test_log_line_and_metrics_of_each_end(upstream, proxies, engine):
     client resets, one the upstream resets: one log line each, whose fields
     are the truth (addresses, exact bytes, why each direction ended), and
     metrics that keep the failed connect, the client's abort and the
-    upstream's apart."""
+    upstream's apart. Spliced at once, so that the worker backend's
+    kernel share is 100% (test_proxy_relay has the relayed lines)."""
     dead = socket.create_server(("127.0.0.1", 0))
     dead_addr = "%s:%d" % dead.getsockname()
     dead.close()
     port = _free_port()
     px = proxies(dead_addr, upstream.addr, "--no-check", "--backend", engine,
-                 "--metrics", f"127.0.0.1:{port}")
+                 "--metrics", f"127.0.0.1:{port}", "--splice-after", "0")
     data = random.Random(16).randbytes(300_000)
     clients = []
 
@@ -675,7 +680,9 @@ def dual_stack(upstream, tmp_path):
     pxs, conns = [], []
     try:
         for listen in ("[::]:0", "127.0.0.1:0"):
-            pxs.append(Proxy(upstream.addr, "--backend", "worker", listen=listen, env=env))
+            # Spliced at once: ls shows the splices' bytes, not relayed ones.
+            pxs.append(Proxy(upstream.addr, "--backend", "worker", "--splice-after", "0",
+                             listen=listen, env=env))
             for _ in range(2):
                 s = socket.create_connection(("127.0.0.1", pxs[-1].addr[1]), timeout=10)
                 conns.append(s)
