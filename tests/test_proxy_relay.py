@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
-import struct
 import threading
 import time
 
@@ -205,3 +205,75 @@ def test_a_quiet_connection_is_spliced_after_splice_after(servers, proxies, back
     if backend == "worker":
         assert line["kernel"] == f"{100_000 * 100 // 100_100}%", line
     assert px.stop() == 0
+
+
+def test_idle_cuts_a_relayed_connection(servers, proxies, backend):
+    """--idle shorter than --splice-after: a quiet connection is cut while
+    still relayed, with a reset both ways, at --idle after its last
+    relayed byte; nothing was ever spliced."""
+    def echo(s: socket.socket) -> str:
+        try:
+            while d := s.recv(1 << 16):
+                s.sendall(d)
+        except ConnectionResetError:
+            return "reset"
+        return "EOF"
+
+    up = servers(echo)
+    idle = 0.4
+    px = proxies(up.addr, "--backend", backend, "--no-check", "--idle", str(idle),
+                 "--splice-after", "30")
+    with socket.create_connection(px.addr, timeout=10) as c:
+        c.sendall(b"ping")
+        assert c.recv(4) == b"ping"
+        t0 = time.monotonic()
+        got, how = read_to_end(c)
+        waited = time.monotonic() - t0
+    assert (got, how) == (b"", "reset")
+    assert idle - 0.05 <= waited <= idle * 1.25 + 1.0, waited
+    assert up.result(1) == "reset"
+    (line,) = _log_lines(px, 1)
+    assert (line["up_bytes"], line["down_bytes"], line["kernel"]) == ("4", "4", "0%"), line
+    assert (line["up_end"], line["down_end"], line["end"]) == ("cut", "cut", "idle"), line
+    assert px.stop() == 0
+
+
+def test_reload_changes_splice_after_for_new_connections(tmp_path):
+    """splice_after in a config file, changed by a reload (SIGHUP): a
+    connection relayed before it stays relayed, one accepted after it is
+    spliced at once (worker backend: every spliced byte in the kernel)."""
+    from test_config import FileProxy, listen_table
+    from test_splicectl import Upstream
+
+    up = Upstream()
+    path = tmp_path / "p.toml"
+    head = 'backend = "worker"\n'
+    table = listen_table(f"127.0.0.1:{_free_port()}", up.addr)
+    path.write_text(head + "splice_after = 30\n" + table)
+    px = FileProxy(path, tmp_path)
+    try:
+        a = socket.create_connection(px.addrs[0], timeout=10)
+        a.sendall(b"Eping")
+        assert a.recv(4) == b"ping"
+        path.write_text(head + "splice_after = 0\n" + table)
+        px.p.send_signal(signal.SIGHUP)
+        px.wait_log("reloaded: ")
+        b = socket.create_connection(px.addrs[0], timeout=10)
+        b.sendall(b"Eping")
+        assert b.recv(4) == b"ping"
+        for s in (a, b):
+            s.sendall(b"x" * 1000)
+            got = b""
+            while len(got) < 1000:
+                got += s.recv(4096)
+            s.shutdown(socket.SHUT_WR)
+            assert read_to_end(s)[1] == "EOF"
+            s.close()
+        px.wait_log("conn=2 ")
+        lines = {f["conn"]: f for f in (dict(x.split("=", 1) for x in line.split(" INFO ", 1)[1].split())
+                                        for line in px.stderr().splitlines() if " conn=" in line)}
+        assert (lines["1"]["kernel"], lines["1"]["end"]) == ("0%", "closed"), lines
+        assert (lines["2"]["kernel"], lines["2"]["end"]) == ("100%", "closed"), lines
+    finally:
+        px.stop()
+        up.close()
