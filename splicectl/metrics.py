@@ -57,11 +57,12 @@ class _LiveCollector:
     def collect(self) -> Iterator[Metric]:
         active, live_bytes, live_kernel = self.live()
         g = GaugeMetricFamily("sosplice_connections_active",
-                              "Client connections open now (connecting or spliced).")
+                              "Client connections open now (connecting, relayed or spliced).")
         g.add_metric([], active)
         yield g
         for name, doc, done, live in (
-                ("sosplice_bytes", "Bytes spliced; up: client to upstream, down: upstream to client.",
+                ("sosplice_bytes", "Bytes relayed or spliced; up: client to upstream, down: "
+                 "upstream to client.",
                  self.m.bytes_done, live_bytes),
                 ("sosplice_kernel_bytes", "Of sosplice_bytes_total, the bytes moved without a copy "
                  "through the proxy process.", self.m.kernel_done, live_kernel)):
@@ -82,9 +83,10 @@ class Metrics:
                          "sosplice version; the value is always 1.", registry=r)
         self.connections = Counter("sosplice_connections", "Client connections accepted, by "
                                    "listening address.", ["listener"], registry=r)
-        self.splice_ends = Counter("sosplice_splice_ends", "Splices (one direction of a "
-                                   "connection each) ended, by the engine's reason: EOF, "
-                                   "ECONNRESET, EPIPE, ...", ["reason"], registry=r)
+        self.splice_ends = Counter("sosplice_splice_ends", "Directions of connections "
+                                   "that ended, spliced or relayed, by the engine's reason "
+                                   "(or the relay's same name): EOF, ECONNRESET, EPIPE, ...",
+                                   ["reason"], registry=r)
         self.client_aborts = Counter("sosplice_client_aborts", "Connections the client reset "
                                      "or abandoned; the proxy passed the reset on.", registry=r)
         self.upstream_aborts = Counter("sosplice_upstream_aborts", "Connections the upstream "
