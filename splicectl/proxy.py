@@ -646,6 +646,10 @@ class Proxy:
         self._wake_w.setblocking(False)
         self.address: tuple | None = None
         self.ev = 0     # the events of the selector entry being run
+        # Whether run() drives and reaps the engine after this pass, and
+        # when it must at the latest (its timeout(); never for a threaded one).
+        self.engine_due = True
+        self.engine_at = math.inf
         # A worker of splicectl.workers: its master's end of a socketpair
         # (stop, reload, a metrics scrape), and listeners it shares with
         # the other workers (SO_REUSEPORT).
@@ -832,10 +836,16 @@ class Proxy:
                 for key, ev in select(self._timeout()):
                     self.ev = ev    # for the relay's callbacks (_relay_io)
                     key.data()
-                # Every pass: an engine without a thread (bpf) is driven
-                # here, and a threaded one's reap() is a cheap eventfd read.
-                self._reap()
-                self._run_due(time.monotonic())
+                # The engine is driven (an engine without a thread, bpf)
+                # or reaped (a threaded one) when its fd was ready, its
+                # timeout() has come, or the loop spliced: not on the
+                # passes that only relayed (a drive is an epoll_wait and
+                # a lock, some 20 us).
+                now = time.monotonic()
+                if self.engine_due or now >= self.engine_at:
+                    self.engine_due = False
+                    self._reap()
+                self._run_due(now)
         finally:
             self._shutdown()
         return 0
@@ -876,11 +886,12 @@ class Proxy:
             heapq.heappop(timers)
         if (e := self.engine.timeout()) is not None:
             t = min(t, e)
+            self.engine_at = time.monotonic() + e
         return max(0.0, t)
 
     def _engine_ready(self) -> None:
-        """The engine's fd: it only ends the select; run() reaps after
-        every pass."""
+        """The engine's fd: run() reaps after this pass."""
+        self.engine_due = True
 
     # -- stop and reload, from the wake socket ----------------------------------
 
@@ -1163,6 +1174,7 @@ class Proxy:
         """CONNECTING or RELAYING -> SPLICED: both directions in the
         engine (neither socket is in the selector any more, nothing relayed
         is pending); a refusal closes `c` (splice_refused)."""
+        self.engine_due = True   # reap after this pass, whatever the splice did
         try:
             # No idle= here: an idle timeout per direction would end a
             # quiet upload under a streaming download; --idle is kept per
