@@ -600,10 +600,11 @@ class Proxy:
 
     The loop: every selector entry's data is the callable to run when it
     is ready (`_accept` of a listener, `_connected` of a CONNECTING
-    connection, `_on_wake`, the metrics server; the engine's fd only ends
-    the select, as `_reap` runs after every pass);
-    every deadline (a connect's, an --idle look, --grace, an accept
-    pause) is one entry of one heap, `timers` (`_at`). A connection moves
+    connection, `_relay_io` of a RELAYING one's sockets, `_on_wake`, the
+    metrics server; the engine's fd only marks that `_reap` is to run
+    after the pass); every deadline (a connect's, a --splice-after or
+    --idle look, --grace, an accept pause) is one entry of one heap,
+    `timers` (`_at`). A connection moves
     through `ConnState`, and ends through `_close` only.
     """
 
