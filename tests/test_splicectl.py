@@ -1,6 +1,7 @@
 """splicectl: the proxy as a subprocess on loopback, ls --json, bad args."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -88,7 +89,11 @@ class Proxy:
         # O_APPEND: the child shares this file's offset, which stderr()
         # moves to 0 to read; without it the proxy's next line would
         # overwrite the file's start (seen: a log line lost that way).
+        # mode "a+" alone does not set it: TemporaryFile opens the fd
+        # itself (O_TMPFILE) and io.open(fd, "a+") only seeks to the end.
         self.err = tempfile.TemporaryFile(mode="a+")
+        fd = self.err.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         self.p = subprocess.Popen([PY, "-m", "splicectl", "proxy", listen, *args], cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
         line = self.p.stdout.readline()
