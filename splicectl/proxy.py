@@ -1373,15 +1373,22 @@ class Proxy:
         else:
             c.down_end = "EOF"
         self.m.splice_ended("EOF")
+        if self._pass_fin(c, d, drain):
+            self._watch(c)
+
+    def _pass_fin(self, c: Conn, d: str, drain: socket.socket) -> bool:
+        """Direction `d` ended cleanly (relayed or spliced): its FIN goes
+        on to `drain`; the second one closes `c` normally. True while the
+        other direction goes on."""
         try:
             drain.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         if c.half is None:
             c.half = d
-            self._watch(c)
-        else:
-            self._close(c, _END_CLOSED, "both FINs passed on")
+            return True
+        self._close(c, _END_CLOSED, "both FINs passed on")
+        return False
 
     def _relay_failed(self, c: Conn, d: str, e: OSError) -> None:
         """A recv from the source of `d` or a send to its drain failed
@@ -1494,14 +1501,7 @@ class Proxy:
             if err == 0:
                 # A clean end, and only that, is passed on as a FIN.
                 log.debug("conn %d: %s splice ended with EOF: passing the FIN on", c.id, d)
-                try:
-                    drain.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                if c.half is None:
-                    c.half = d
-                else:
-                    self._close(c, _END_CLOSED, "both FINs passed on")
+                self._pass_fin(c, d, drain)
             else:
                 # The source was reset (ECONNRESET), the drain failed
                 # (EPIPE), ...: the stream is cut, and both peers must

@@ -172,21 +172,28 @@ def one_client(addr, rng: random.Random) -> str | None:
 def test_many_clients_half_close_hash_checked(upstream, proxies, engine):
     px = proxies(upstream.addr, "--backend", engine)
     assert px.banner.endswith(f", backend {engine}")
-    errors: list = []
-    def worker(seed):
+    errors = many_clients(px.addr, 50, 60)
+    assert not errors, errors
+    assert px.stop() == 0
+
+
+def many_clients(addr, n: int, timeout: float) -> list[str]:
+    """`n` one_client()s at once, seeds 0..n-1; what went wrong in them."""
+    errors: list[str] = []
+
+    def client(seed: int) -> None:
         try:
-            r = one_client(px.addr, random.Random(seed))
+            r = one_client(addr, random.Random(seed))
         except Exception as e:  # noqa: BLE001
             r = repr(e)
         if r:
             errors.append(r)
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(50)]
+    ts = [threading.Thread(target=client, args=(i,)) for i in range(n)]
     for t in ts:
         t.start()
     for t in ts:
-        t.join(60)
-    assert not errors, errors
-    assert px.stop() == 0
+        t.join(timeout)
+    return errors
 
 
 def test_upstream_down_closes_client(upstream, proxies):

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from test_config import FileProxy, _refused, echo_through, listen_table
-from test_splicectl import (ROOT, PY, Proxy, Upstream, _free_port, _metrics, one_client,  # noqa: F401
-                            splicectl, upstream)
+from test_splicectl import (ROOT, PY, Proxy, Upstream, _free_port, _metrics,  # noqa: F401
+                            many_clients, splicectl, upstream)
 
 
 def _children(pid: int) -> set[int]:
@@ -75,20 +75,7 @@ def test_workers_share_the_load_every_byte_checked(upstream, started):
     assert px.banner.endswith(", backend bpf, 2 workers"), px.banner
     workers = _children(px.p.pid)
     assert len(workers) == 2
-    errors: list[str] = []
-
-    def client(seed: int) -> None:
-        try:
-            r = one_client(px.addr, random.Random(seed))
-        except Exception as e:  # noqa: BLE001
-            r = repr(e)
-        if r:
-            errors.append(r)
-    ts = [threading.Thread(target=client, args=(i,)) for i in range(80)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
+    errors = many_clients(px.addr, 80, 120)
     assert not errors, errors
     listener = "%s:%d" % px.addr
     deadline = time.monotonic() + 10
